@@ -1,0 +1,67 @@
+"""Box conventions and the anchor-relative delta coder.
+
+Inside the package boxes are absolute `xyxy` float32 pixels with no "+1": width = x1 - x0.
+COCO `xywh` appears only at the dataset and evaluator boundaries (`torchvision.ops.box_convert`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+
+class BoxCoder:
+    """Encodes boxes as (dx, dy, dw, dh) deltas relative to anchors and back (R-CNN parametrisation).
+
+    dx = wx * (gx - ax) / aw,  dy = wy * (gy - ay) / ah,  dw = ww * log(gw / aw),  dh = wh * log(gh / ah)
+    with (x, y) box centres. All shapes broadcast: `(..., 4)`.
+    """
+
+    def __init__(self, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+                 clamp: float = math.log(1000.0 / 16)):
+        self.weights = tuple(float(w) for w in weights)
+        self.clamp = float(clamp)
+
+    def encode(self, anchors: Tensor, boxes: Tensor) -> Tensor:
+        """anchors, boxes: (..., 4) xyxy -> deltas (..., 4), in float32."""
+        anchors, boxes = anchors.float(), boxes.float()
+        wx, wy, ww, wh = self.weights
+        aw, ah = anchors[..., 2] - anchors[..., 0], anchors[..., 3] - anchors[..., 1]
+        ax, ay = anchors[..., 0] + 0.5 * aw, anchors[..., 1] + 0.5 * ah
+        bw, bh = boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1]
+        bx, by = boxes[..., 0] + 0.5 * bw, boxes[..., 1] + 0.5 * bh
+        return torch.stack((wx * (bx - ax) / aw, wy * (by - ay) / ah,
+                            ww * torch.log(bw / aw), wh * torch.log(bh / ah)), dim=-1)
+
+    def decode(self, deltas: Tensor, anchors: Tensor) -> Tensor:
+        """deltas, anchors: (..., 4) -> boxes (..., 4) xyxy, in float32.
+
+        Deltas are cast to float32 and dw, dh clamped before exp() so that fp16 outputs or an
+        untrained head cannot overflow to inf.
+        """
+        deltas, anchors = deltas.float(), anchors.float()
+        wx, wy, ww, wh = self.weights
+        aw, ah = anchors[..., 2] - anchors[..., 0], anchors[..., 3] - anchors[..., 1]
+        ax, ay = anchors[..., 0] + 0.5 * aw, anchors[..., 1] + 0.5 * ah
+        cx = deltas[..., 0] / wx * aw + ax
+        cy = deltas[..., 1] / wy * ah + ay
+        w = torch.exp((deltas[..., 2] / ww).clamp(max=self.clamp)) * aw
+        h = torch.exp((deltas[..., 3] / wh).clamp(max=self.clamp)) * ah
+        return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
+
+
+def clip_boxes(boxes: Tensor, heights: Tensor, widths: Tensor) -> Tensor:
+    """Clips (..., 4) xyxy boxes to [0, width] x [0, height]; heights/widths broadcast to boxes[..., 0]."""
+    x0 = torch.minimum(boxes[..., 0].clamp(min=0), widths)
+    y0 = torch.minimum(boxes[..., 1].clamp(min=0), heights)
+    x1 = torch.minimum(boxes[..., 2].clamp(min=0), widths)
+    y1 = torch.minimum(boxes[..., 3].clamp(min=0), heights)
+    return torch.stack((x0, y0, x1, y1), dim=-1)
+
+
+def box_areas_valid(boxes: Tensor) -> Tensor:
+    """(..., 4) xyxy -> (...,) bool: finite and of positive width and height."""
+    finite = torch.isfinite(boxes).all(dim=-1)
+    return finite & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])

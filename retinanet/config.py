@@ -1,0 +1,411 @@
+"""Typed configuration: a schema of dataclasses, YAML files with `_base_` inheritance, and
+`dotted.key=value` overrides from the command line.
+
+Every key a user can write is a field below; an unknown key or a value of the wrong type is a
+one-line `ConfigError` naming the key (and the closest valid key), raised before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema. The message is one line."""
+
+
+# --------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------
+@dataclass
+class BackboneConfig:
+    depth: Literal[18, 34, 50, 101] = 50
+    # frozen_bn: BatchNorm with fixed statistics and affine (for pretrained weights);
+    # bn: ordinary trainable BatchNorm (training from scratch); gn: GroupNorm(32).
+    norm: Literal["frozen_bn", "bn", "gn"] = "frozen_bn"
+    norm_eps: float = 1e-5
+    # Stages frozen from the input side: 0 = none, 1 = stem, 2 = stem + res2, ... 5 = all.
+    freeze_at: int = 2
+    # Local path of a torchvision ImageNet ResNet state dict; None = random init. Never downloaded.
+    weights: Optional[str] = None
+
+
+@dataclass
+class FPNConfig:
+    channels: int = 256
+    # Where P6 is computed from: "c5" (the RetinaNet paper, detectron2) or "p5" (torchvision v1).
+    p6_from: Literal["c5", "p5"] = "c5"
+
+
+@dataclass
+class HeadConfig:
+    num_convs: int = 4
+    norm: Literal["none", "gn"] = "none"
+    gn_groups: int = 32
+    prior_prob: float = 0.01
+
+
+@dataclass
+class AnchorConfig:
+    # One base size per pyramid level (P3..P7), multiplied by each octave scale.
+    sizes: list[float] = field(default_factory=lambda: [32.0, 64.0, 128.0, 256.0, 512.0])
+    octave_scales: list[float] = field(default_factory=lambda: [1.0, 2 ** (1 / 3), 2 ** (2 / 3)])
+    aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # height / width
+    strides: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
+    # Anchor centres sit at (i + offset) * stride.
+    offset: float = 0.0
+    # Round base anchors to integer coordinates (torchvision does).
+    round_base: bool = False
+
+
+@dataclass
+class MatcherConfig:
+    fg_iou: float = 0.5
+    bg_iou: float = 0.4
+    allow_low_quality: bool = True
+
+
+@dataclass
+class BoxCoderConfig:
+    weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
+    # Upper bound of dw, dh before exp(): log(1000 / 16), as in torchvision and detectron2.
+    clamp: float = math.log(1000.0 / 16)
+
+
+@dataclass
+class PostprocessConfig:
+    score_thresh: float = 0.05
+    topk_candidates: int = 1000  # per level and image, after the score threshold
+    nms_thresh: float = 0.5
+    max_detections: int = 100  # per image
+
+
+@dataclass
+class ModelConfig:
+    # None: taken from the training set's categories.
+    num_classes: Optional[int] = None
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    fpn: FPNConfig = field(default_factory=FPNConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    anchors: AnchorConfig = field(default_factory=AnchorConfig)
+    matcher: MatcherConfig = field(default_factory=MatcherConfig)
+    box_coder: BoxCoderConfig = field(default_factory=BoxCoderConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+
+
+@dataclass
+class ClsLossConfig:
+    type: Literal["focal"] = "focal"
+    alpha: Optional[float] = 0.25  # None: no positive/negative balancing
+    gamma: float = 2.0
+    weight: float = 1.0
+
+
+@dataclass
+class BoxLossConfig:
+    type: Literal["smooth_l1", "l1", "giou"] = "smooth_l1"
+    beta: float = 0.1  # smooth-L1 transition point; 0 means plain L1
+    weight: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    cls: ClsLossConfig = field(default_factory=ClsLossConfig)
+    box: BoxLossConfig = field(default_factory=BoxLossConfig)
+    # Losses are divided by the number of positive anchors in the batch; with momentum m > 0 by an
+    # EMA of it instead (m * ema + (1 - m) * num_fg), which is steadier at small batch sizes.
+    normalizer_momentum: float = 0.0
+
+
+@dataclass
+class DatasetConfig:
+    images: str = ""
+    annotations: str = ""
+
+
+@dataclass
+class ColorJitterConfig:
+    prob: float = 0.0  # 0 disables it
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    hue: float = 0.02
+
+
+@dataclass
+class DataConfig:
+    train: DatasetConfig = field(default_factory=DatasetConfig)
+    val: DatasetConfig = field(default_factory=DatasetConfig)
+    # Training resizes the shortest side to one of min_size (drawn per image: multi-scale when
+    # several) with the longest side at most max_size; evaluation uses test_min_size.
+    min_size: list[int] = field(default_factory=lambda: [800])
+    max_size: int = 1333
+    test_min_size: int = 800
+    test_max_size: int = 1333
+    hflip_prob: float = 0.5
+    color_jitter: ColorJitterConfig = field(default_factory=ColorJitterConfig)
+    # Mean and std of [0, 1] RGB input.
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # Batches are padded to a multiple of this (128 keeps the P7 grid aligned with its stride).
+    size_divisibility: int = 128
+    num_workers: int = 2
+
+
+@dataclass
+class OptimizerConfig:
+    type: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9  # SGD only
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW only
+    weight_decay: float = 1e-4
+    # Weight decay on norm layers and biases; 0 is the usual choice for AdamW.
+    weight_decay_norm: float = 0.0
+
+
+@dataclass
+class SchedulerConfig:
+    type: Literal["multistep", "cosine"] = "multistep"
+    steps: list[int] = field(default_factory=lambda: [60000, 80000])  # multistep only
+    gamma: float = 0.1  # multistep only
+    min_lr_factor: float = 0.0  # cosine only: final LR = lr * min_lr_factor
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001  # LR at iteration 0 = lr * warmup_factor, then linear
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 16
+    max_iter: int = 90000
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    clip_grad_norm: Optional[float] = None  # None: no clipping
+    amp: bool = False  # mixed precision, CUDA only
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    log_period: int = 20
+    checkpoint_period: int = 5000
+    eval_period: int = 0  # 0: evaluate only at the end
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 8
+    max_dets: int = 100  # COCOeval's maxDets for AP (AR also reports 1 and 10)
+    num_vis_images: int = 4  # images written with drawn detections after evaluation
+    vis_score_thresh: float = 0.3
+
+
+@dataclass
+class Config:
+    output_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Reads `path` (following `_base_`), applies `key.sub=value` overrides, checks the schema."""
+    merged = _read_with_bases(Path(path), seen=())
+    for override in overrides:
+        key, value = _parse_override(override)
+        _set_dotted(merged, key, value, source="command line")
+    config = from_dict(merged, source=str(path))
+    validate(config)
+    return config
+
+
+def from_dict(data: dict, source: str = "<dict>") -> Config:
+    return _build(Config, data, prefix="", source=source)
+
+
+def to_dict(config: Config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def all_keys(cls: type = Config, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (leaves and sections)."""
+    keys = []
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        keys.append(key)
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys.extend(all_keys(hint, key + "."))
+    return keys
+
+
+def validate(config: Config) -> None:
+    """Value checks that types alone cannot express."""
+    m, t = config.model, config.train
+
+    def check(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}: {message}")
+
+    check(m.num_classes is None or m.num_classes > 0, "model.num_classes", "must be positive")
+    check(0 <= m.backbone.freeze_at <= 5, "model.backbone.freeze_at", "must be in 0..5")
+    check(0 < m.matcher.bg_iou <= m.matcher.fg_iou <= 1, "model.matcher.bg_iou",
+          f"need 0 < bg_iou <= fg_iou <= 1, got bg_iou={m.matcher.bg_iou}, fg_iou={m.matcher.fg_iou}")
+    n_levels = len(m.anchors.strides)
+    check(n_levels == 5, "model.anchors.strides", f"need 5 strides for P3..P7, got {n_levels}")
+    check(len(m.anchors.sizes) == n_levels, "model.anchors.sizes",
+          f"need one size per level ({n_levels}), got {len(m.anchors.sizes)}")
+    check(len(m.box_coder.weights) == 4, "model.box_coder.weights", "need 4 weights")
+    check(t.optimizer.lr > 0, "train.optimizer.lr", f"must be positive, got {t.optimizer.lr}")
+    check(t.batch_size > 0, "train.batch_size", "must be positive")
+    check(t.max_iter > 0, "train.max_iter", "must be positive")
+    check(config.loss.box.beta >= 0, "loss.box.beta", "must be >= 0")
+    check(all(s > 0 for s in config.data.min_size) and config.data.min_size, "data.min_size",
+          "need one or more positive sizes")
+    check(len(config.data.mean) == 3 and len(config.data.std) == 3, "data.mean",
+          "mean and std need 3 values (RGB)")
+    check(all(s > 0 for s in config.data.std), "data.std", "must be positive")
+
+
+def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict:
+    path = path.resolve()
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    if path in seen:
+        raise ConfigError(f"{path}: _base_ cycle through {' -> '.join(map(str, seen))}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML: {' '.join(str(error).split())}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    bases = data.pop("_base_", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    merged: dict = {}
+    for base in bases:
+        _deep_merge(merged, _read_with_bases(path.parent / base, seen + (path,)))
+    _deep_merge(merged, data)
+    return merged
+
+
+def _deep_merge(into: dict, update: dict) -> None:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def _set_dotted(data: dict, key: str, value: Any, source: str) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{source}: {key}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _suggest(key: str) -> str:
+    keys = all_keys()
+    # A key with the same last component in another section ("train.lr" -> "train.optimizer.lr")
+    # is the likeliest intent; otherwise the closest spelling overall.
+    leaf = key.rsplit(".", 1)[-1]
+    same_leaf = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    match = difflib.get_close_matches(key, same_leaf, n=1, cutoff=0.0) if same_leaf else \
+        difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _build(cls: type, data: Any, prefix: str, source: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'config'}: expected a mapping, "
+                          f"got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            full = prefix + str(key)
+            raise ConfigError(f"{source}: unknown key '{full}'{_suggest(full)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _convert(hints[name], value, prefix + name, source)
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, key: str, source: str):
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+
+    def fail(expected: str):
+        raise ConfigError(f"{source}: {key}: expected {expected}, got {value!r}")
+
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".", source)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, key, source)
+    if value is None:
+        fail(_describe(hint))
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(repr(a) for a in args)
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint_text = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{source}: {key}: {value!r} is not one of {choices}{hint_text}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            fail(f"a list of {_describe(args[0])}")
+        return [_convert(args[0], v, f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            fail("true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fail("an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            fail("a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            fail("a string")
+        return value
+    raise TypeError(f"unsupported schema type {hint!r} for {key}")
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    return getattr(hint, "__name__", str(hint))

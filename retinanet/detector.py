@@ -1,0 +1,115 @@
+"""The user-facing inference API.
+
+    from retinanet import Detector
+    detector = Detector.from_config("configs/shapes_R18.yaml", weights="runs/shapes_R18/model_final.pth")
+    detections = detector.predict([rgb_uint8_image])   # [{"boxes", "scores", "labels", "category_ids"}]
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .config import Config, load_config
+from .data import Batch, Collate, DetectionTransform, build_transform, load_coco
+from .losses import build_box_coder
+from .model import RetinaNet, build_model
+from .postprocess import PostProcessor, build_postprocessor
+
+
+class Detector:
+    """A RetinaNet with its test-time preprocessing and postprocessing, on one device."""
+
+    def __init__(self, model: RetinaNet, *, transform: DetectionTransform, postprocessor: PostProcessor,
+                 size_divisibility: int, class_names: Sequence[str] | None = None,
+                 label_to_cat_id: dict[int, int] | None = None, device: str | torch.device = "cpu"):
+        self.model = model
+        self.transform, self.postprocessor = transform, postprocessor
+        self.collate = Collate(size_divisibility)
+        num_classes = model.num_classes
+        self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
+        self.label_to_cat_id = label_to_cat_id or {i: i + 1 for i in range(num_classes)}
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_config(cls, config: str | Path | Config, weights: str | Path | None = None,
+                    overrides: Sequence[str] = (), device: str | None = None) -> "Detector":
+        """Builds the model of `config` (a path or a Config) and loads `weights` (a trainer
+        checkpoint or a bare state dict). Class names and category ids come from the config's
+        validation (else training) annotations when that file exists."""
+        from .engine.checkpoint import load_model_weights
+
+        cfg = config if isinstance(config, Config) else load_config(config, overrides)
+        class_names, label_to_cat_id = _categories(cfg)
+        num_classes = cfg.model.num_classes or (len(class_names) if class_names else None)
+        if num_classes is None:
+            raise ValueError("model.num_classes is not set and no annotation file was found to "
+                             "derive it from (set data.val.annotations or model.num_classes)")
+        if class_names and len(class_names) != num_classes:
+            raise ValueError(f"model.num_classes is {num_classes} but the dataset has "
+                             f"{len(class_names)} categories")
+        model = build_model(cfg.model, num_classes)
+        if weights is not None:
+            load_model_weights(model, weights)
+        device = device or ("cuda" if cfg.train.device == "auto" and torch.cuda.is_available()
+                            else "cpu" if cfg.train.device == "auto" else cfg.train.device)
+        return cls(model.to(device).eval(), transform=build_transform(cfg.data, train=False),
+                   postprocessor=build_postprocessor(cfg, build_box_coder(cfg)),
+                   size_divisibility=cfg.data.size_divisibility, class_names=class_names,
+                   label_to_cat_id=label_to_cat_id, device=device)
+
+    @torch.no_grad()
+    def predict_batch(self, batch: Batch) -> list[dict[str, Tensor]]:
+        """A collated Batch -> per image {"boxes" (N, 4) xyxy in original pixels, "scores", "labels"}."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out = self.model(batch.images.to(self.device))
+            return self.postprocessor(out.cls_logits, out.box_deltas, out.anchors,
+                                      out.num_anchors_per_level, batch.image_sizes, batch.orig_sizes)
+        finally:
+            self.model.train(was_training)
+
+    def predict(self, images: Sequence[np.ndarray | Tensor]) -> list[dict[str, Tensor]]:
+        """images: RGB uint8 (H, W, 3) numpy arrays, or float (3, H, W) tensors in [0, 1].
+        Returns per image {"boxes" (N, 4) xyxy in that image's pixels, "scores" (N,),
+        "labels" (N,) in 0..K-1, "category_ids" (N,)}, on the CPU."""
+        samples = [self.transform({"image": _to_hwc(img, i), "boxes": np.zeros((0, 4), np.float32),
+                                   "labels": np.zeros(0, np.int64), "image_id": i,
+                                   "orig_size": _hw(img)}) for i, img in enumerate(images)]
+        if not samples:
+            return []
+        outputs = self.predict_batch(self.collate(samples))
+        lookup = torch.tensor([self.label_to_cat_id[i] for i in range(len(self.label_to_cat_id))])
+        return [{"boxes": o["boxes"].cpu(), "scores": o["scores"].cpu(), "labels": o["labels"].cpu(),
+                 "category_ids": lookup[o["labels"].cpu()]} for o in outputs]
+
+
+def _hw(image: np.ndarray | Tensor) -> tuple[int, int]:
+    return (int(image.shape[1]), int(image.shape[2])) if isinstance(image, Tensor) else \
+        (int(image.shape[0]), int(image.shape[1]))
+
+
+def _to_hwc(image: np.ndarray | Tensor, index: int) -> np.ndarray:
+    if isinstance(image, Tensor):
+        if image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
+            raise ValueError(f"image {index}: tensors must be float (3, H, W) in [0, 1], got "
+                             f"{image.dtype} {tuple(image.shape)}")
+        # float32 in [0, 255] rather than uint8: no quantisation of float input
+        return np.ascontiguousarray((image.detach().cpu().float() * 255).permute(1, 2, 0).numpy())
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image {index}: arrays must be RGB uint8 (H, W, 3), got "
+                         f"{getattr(image, 'dtype', type(image))} {getattr(image, 'shape', '')}")
+    return image
+
+
+def _categories(cfg: Config) -> tuple[list[str] | None, dict[int, int] | None]:
+    for split in (cfg.data.val, cfg.data.train):
+        if split.annotations and Path(split.annotations).is_file():
+            coco = load_coco(split.annotations)
+            cat_ids = sorted(coco.getCatIds())
+            return [coco.cats[c]["name"] for c in cat_ids], dict(enumerate(cat_ids))
+    return None, None

@@ -1,0 +1,71 @@
+"""Checkpoints written atomically: a temp file in the same folder, fsync, then rename."""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    # RNG states hold numpy objects, so this is a full unpickle: load only checkpoints you trust.
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
+    """Loads a trainer checkpoint ({"model": ...}) or a bare state dict into `model`, strictly."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{path}: weights do not fit this model: missing {result.missing_keys[:5]}, "
+                         f"unexpected {result.unexpected_keys[:5]} (check model.* in the config)")
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    output_dir = Path(output_dir)
+    final = output_dir / "model_final.pth"
+    candidates = sorted(output_dir.glob("model_[0-9]*.pth"))
+    if final.is_file():
+        return final
+    return candidates[-1] if candidates else None

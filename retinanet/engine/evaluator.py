@@ -1,0 +1,107 @@
+"""COCO evaluation with pycocotools: predictions -> results json -> COCOeval -> AP table."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torchvision.ops import box_convert
+
+logger = logging.getLogger(__name__)
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
+                "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def to_coco_results(image_id: int, detections: dict, label_to_cat_id: dict[int, int]) -> list[dict]:
+    """One image's {"boxes" (N, 4) xyxy in original pixels, "scores", "labels"} -> COCO result dicts
+    with xywh boxes, the dataset's own (sparse) category ids and its image id."""
+    boxes = box_convert(detections["boxes"].float().cpu(), "xyxy", "xywh").tolist()
+    scores = detections["scores"].float().cpu().tolist()
+    labels = detections["labels"].cpu().tolist()
+    return [{"image_id": int(image_id), "category_id": int(label_to_cat_id[lab]),
+             "bbox": [round(v, 2) for v in box], "score": round(score, 5)}
+            for box, score, lab in zip(boxes, scores, labels)]
+
+
+def coco_evaluate(coco_gt: COCO, results: list[dict], *, max_dets: int = 100,
+                  image_ids: Optional[Sequence[int]] = None) -> dict:
+    """Scores `results` against `coco_gt`. Returns {"metrics": {name: value}, "per_class": {name: AP}}.
+
+    maxDets for AP is `max_dets` (AR is reported at 1, 10 and max_dets). Zero detections are a valid
+    result: every metric is 0 (pycocotools' loadRes cannot take an empty list).
+    """
+    class_names = {c: coco_gt.cats[c]["name"] for c in sorted(coco_gt.getCatIds())}
+    if not results:
+        return {"metrics": {name: 0.0 for name in METRIC_NAMES},
+                "per_class": {name: 0.0 for name in class_names.values()}, "summary": ""}
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_dt = coco_gt.loadRes(results)
+    evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+    evaluator.params.maxDets = [1, 10, max_dets]
+    if image_ids is not None:
+        evaluator.params.imgIds = list(image_ids)
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    # pycocotools reports -1 for a size bucket without ground truth; keep that meaning.
+    metrics = {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats)}
+    precision = evaluator.eval["precision"]  # (T iou, R recall, K class, A area, M maxdets)
+    per_class = {}
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        values = precision[:, :, k, 0, -1]
+        values = values[values > -1]
+        per_class[class_names[cat_id]] = float(values.mean()) if values.size else float("nan")
+    return {"metrics": metrics, "per_class": per_class, "summary": buffer.getvalue()}
+
+
+def format_report(result: dict, max_dets: int) -> str:
+    """The 12-number summary and a per-class AP table, as printed after evaluation."""
+    lines = [f"COCO bbox evaluation (maxDets={max_dets})",
+             result["summary"].rstrip() or "  no detections: every metric is 0",
+             "", f"{'category':<20} {'AP':>6}"]
+    lines += [f"{name:<20} {100 * ap:6.2f}" for name, ap in result["per_class"].items()]
+    m = result["metrics"]
+    lines.append("")
+    lines.append(" | ".join(f"{n} {100 * m[n]:.2f}" for n in METRIC_NAMES[:6]))
+    return "\n".join(lines)
+
+
+class Evaluator:
+    """Runs `predict(batch) -> per-image detections in original pixels` over a loader, writes
+    `coco_results.json` and `metrics.json` to output_dir, prints and returns the scores."""
+
+    def __init__(self, dataset, loader: Iterable, *, output_dir: str | Path | None = None,
+                 max_dets: int = 100):
+        self.dataset, self.loader = dataset, loader
+        self.output_dir = Path(output_dir) if output_dir else None
+        self.max_dets = max_dets
+
+    @torch.no_grad()
+    def __call__(self, predict: Callable, *, log: Callable[[str], None] = print) -> dict:
+        results: list[dict] = []
+        predictions: dict[int, dict] = {}
+        for batch in self.loader:
+            for image_id, detections in zip(batch.image_ids, predict(batch)):
+                results += to_coco_results(image_id, detections, self.dataset.label_to_cat_id)
+                predictions[image_id] = {k: v.cpu() for k, v in detections.items()}
+        result = coco_evaluate(self.dataset.coco, results, max_dets=self.max_dets,
+                               image_ids=self.dataset.image_ids)
+        if self.output_dir:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "coco_results.json").write_text(json.dumps(results))
+            (self.output_dir / "metrics.json").write_text(json.dumps(
+                {"metrics": result["metrics"], "per_class": result["per_class"],
+                 "max_dets": self.max_dets, "num_detections": len(results)}, indent=2))
+        log(format_report(result, self.max_dets))
+        result["predictions"] = predictions
+        return result

@@ -1,0 +1,256 @@
+"""The training loop: wires config -> data -> model -> criterion, optimises, logs, checkpoints,
+evaluates. Iteration-based, as the published detection recipes are."""
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import random
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import Config, save_config
+from ..data import build_dataset, build_test_loader, build_train_loader
+from ..detector import Detector
+from ..losses import build_box_coder, build_criterion
+from ..model import build_model
+from ..postprocess import build_postprocessor
+from ..data.transforms import build_transform
+from ..visualize import save_detections
+from .checkpoint import atomic_save, latest_checkpoint, load_checkpoint, rng_state, set_rng_state
+from .evaluator import METRIC_NAMES, Evaluator
+
+logger = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device is {name!r} but CUDA is not available (use 'cpu' or 'auto')")
+    return torch.device(name)
+
+
+def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """Weight decay on conv/linear weights; `weight_decay_norm` on norm parameters and biases."""
+    opt = config.train.optimizer
+    decay, no_decay = [], []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            is_norm = isinstance(module, (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm, nn.SyncBatchNorm))
+            (no_decay if is_norm or name == "bias" else decay).append(param)
+    groups = [{"params": decay, "weight_decay": opt.weight_decay},
+              {"params": no_decay, "weight_decay": opt.weight_decay_norm}]
+    if opt.type == "sgd":
+        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum)
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas))
+
+
+def lr_factor(config: Config, iteration: int) -> float:
+    """LR multiplier at `iteration`: linear warm-up from warmup_factor, then multistep or cosine."""
+    s, max_iter = config.train.scheduler, config.train.max_iter
+    if s.type == "multistep":
+        factor = s.gamma ** sum(iteration >= step for step in s.steps)
+    else:
+        progress = min(1.0, iteration / max(1, max_iter))
+        factor = s.min_lr_factor + (1 - s.min_lr_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+    if iteration < s.warmup_iters:
+        alpha = iteration / s.warmup_iters
+        factor *= s.warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+class Trainer:
+    """`Trainer(config).train()` runs a whole job in `config.output_dir`; `resume` is a checkpoint
+    path or "auto" (the latest one in the output folder)."""
+
+    def __init__(self, config: Config, *, resume: Optional[str] = None,
+                 log: Callable[[str], None] = print):
+        self.config, self.log = config, log
+        self.output_dir = Path(config.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        seed_everything(config.train.seed)
+        self.device = resolve_device(config.train.device)
+
+        self.train_set = build_dataset(config.data, train=True)
+        self.train_set.report_dropped()
+        num_classes = self.train_set.num_classes
+        if config.model.num_classes is not None and config.model.num_classes != num_classes:
+            raise ValueError(f"model.num_classes is {config.model.num_classes} but "
+                             f"{config.data.train.annotations} has {num_classes} categories "
+                             "(leave model.num_classes unset to derive it)")
+        config.model.num_classes = num_classes
+        save_config(config, self.output_dir / "config.yaml")
+
+        self.model = build_model(config.model, num_classes).to(self.device)
+        if self.device.type == "cpu":
+            # NHWC convolutions are markedly faster on CPU (measured ~1.3x for R18 training).
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.criterion = build_criterion(config, num_classes).to(self.device)
+        self.optimizer = build_optimizer(config, self.model)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda it: lr_factor(config, it))
+        self.use_amp = config.train.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.iteration = 0
+        if resume:
+            self._resume(resume)
+
+        self.val_set = None
+        if config.data.val.annotations:
+            self.val_set = build_dataset(config.data, train=False)
+        self.detector = Detector(self.model, transform=build_transform(config.data, train=False),
+                                 postprocessor=build_postprocessor(config, build_box_coder(config)),
+                                 size_divisibility=config.data.size_divisibility,
+                                 class_names=self.train_set.class_names,
+                                 label_to_cat_id=self.train_set.label_to_cat_id, device=self.device)
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+
+    # ----------------------------------------------------------------------------------------
+    def train(self) -> Optional[dict]:
+        cfg = self.config.train
+        loader = build_train_loader(self.train_set, batch_size=cfg.batch_size,
+                                    num_workers=self.config.data.num_workers, seed=cfg.seed,
+                                    size_divisibility=self.config.data.size_divisibility,
+                                    start_iter=self.iteration)
+        self.log(f"training {self.config.output_dir}: {len(self.train_set)} images, "
+                 f"{self.model.num_classes} classes, iterations {self.iteration}..{cfg.max_iter}, "
+                 f"batch {cfg.batch_size}, device {self.device}")
+        self.model.train()
+        data_iter = iter(loader)
+        start_time, window_time, window_images = time.perf_counter(), time.perf_counter(), 0
+        start_iter = self.iteration
+        sums: dict[str, torch.Tensor] = {}
+        while self.iteration < cfg.max_iter:
+            batch = next(data_iter).to(self.device, non_blocking=True)
+            losses = self.step(batch)
+            self.iteration += 1
+            window_images += len(batch.image_ids)
+            for key, value in losses.items():
+                sums[key] = sums.get(key, 0) + value.detach()
+
+            if self.iteration % cfg.log_period == 0 or self.iteration == cfg.max_iter:
+                now = time.perf_counter()
+                n = cfg.log_period if self.iteration % cfg.log_period == 0 else \
+                    self.iteration % cfg.log_period
+                means = {k: float(v) / n for k, v in sums.items()}  # the one host sync per window
+                sums = {}
+                ips = window_images / max(now - window_time, 1e-9)
+                eta = (now - start_time) / (self.iteration - start_iter) * (cfg.max_iter - self.iteration)
+                self._log_step(means, ips, eta)
+                window_time, window_images = now, 0
+            if cfg.checkpoint_period and self.iteration % cfg.checkpoint_period == 0 \
+                    and self.iteration < cfg.max_iter:
+                self.save(f"model_{self.iteration:07d}.pth")
+            if cfg.eval_period and self.iteration % cfg.eval_period == 0 and self.iteration < cfg.max_iter:
+                self.evaluate()
+                self.model.train()
+        self.save("model_final.pth")
+        self.log(f"training done in {datetime.timedelta(seconds=int(time.perf_counter() - start_time))}")
+        result = self.evaluate(visualize=True) if self.val_set is not None else None
+        self.writer.close()
+        return result
+
+    def step(self, batch) -> dict[str, torch.Tensor]:
+        """One optimisation step; returns the detached losses (no host sync)."""
+        images = batch.images
+        if self.device.type == "cpu":
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            out = self.model(images)
+        # The loss runs in float32 whatever the forward's precision (see losses/focal.py).
+        losses = self.criterion(out.cls_logits.float(), out.box_deltas.float(), out.anchors,
+                                batch.boxes, batch.labels)
+        total = losses["loss_cls"] + losses["loss_box"]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        if self.config.train.clip_grad_norm:
+            self.scaler.unscale_(self.optimizer)
+            losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(
+                self.model.parameters(), self.config.train.clip_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return {"loss": total.detach(), "loss_cls": losses["loss_cls"].detach(),
+                "loss_box": losses["loss_box"].detach(), "num_fg": losses["num_fg"].float(),
+                **({"grad_norm": losses["grad_norm"]} if "grad_norm" in losses else {})}
+
+    def _log_step(self, means: dict[str, float], images_per_sec: float, eta: float) -> None:
+        lr = self.optimizer.param_groups[0]["lr"]
+        for key, value in means.items():
+            self.writer.add_scalar(f"train/{key}", value, self.iteration)
+        self.writer.add_scalar("train/lr", lr, self.iteration)
+        self.writer.add_scalar("train/images_per_sec", images_per_sec, self.iteration)
+        self.log(f"iter {self.iteration:>6}/{self.config.train.max_iter}  loss {means['loss']:.4f} "
+                 f"(cls {means['loss_cls']:.4f} box {means['loss_box']:.4f})  lr {lr:.5f}  "
+                 f"{images_per_sec:5.1f} img/s  eta {datetime.timedelta(seconds=int(eta))}")
+        if not all(math.isfinite(v) for v in means.values()):
+            raise FloatingPointError(f"non-finite loss at iteration {self.iteration}: {means} "
+                                     "(lower train.optimizer.lr or set train.clip_grad_norm)")
+
+    # ----------------------------------------------------------------------------------------
+    def evaluate(self, visualize: bool = False) -> dict:
+        if self.val_set is None:
+            raise ValueError("no validation set: set data.val.images and data.val.annotations")
+        loader = build_test_loader(self.val_set, batch_size=self.config.eval.batch_size,
+                                   num_workers=self.config.data.num_workers,
+                                   size_divisibility=self.config.data.size_divisibility)
+        evaluator = Evaluator(self.val_set, loader, output_dir=self.output_dir / "eval",
+                              max_dets=self.config.eval.max_dets)
+        result = evaluator(self.detector.predict_batch, log=self.log)
+        for name in METRIC_NAMES[:6]:
+            self.writer.add_scalar(f"eval/{name}", result["metrics"][name], self.iteration)
+        if visualize:
+            write_visualizations(self.val_set, result["predictions"], self.output_dir / "vis",
+                                 self.config.eval.num_vis_images, self.config.eval.vis_score_thresh)
+        return result
+
+    def save(self, name: str) -> Path:
+        path = self.output_dir / name
+        atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                     "criterion": self.criterion.state_dict(), "iteration": self.iteration,
+                     "rng": rng_state(), "config": self.config}, path)
+        return path
+
+    def _resume(self, resume: str) -> None:
+        path = latest_checkpoint(self.output_dir) if resume == "auto" else Path(resume)
+        if path is None:
+            self.log(f"--resume auto: no checkpoint in {self.output_dir}, starting from scratch")
+            return
+        state = load_checkpoint(path)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.criterion.load_state_dict(state["criterion"])
+        self.iteration = int(state["iteration"])
+        set_rng_state(state["rng"])
+        self.log(f"resumed from {path} at iteration {self.iteration}")
+
+
+def write_visualizations(dataset, predictions: dict, out_dir: Path, count: int, score_thresh: float) -> None:
+    """Draws the first `count` images of `dataset` with their detections above `score_thresh`."""
+    for image_id in dataset.image_ids[:count]:
+        det = predictions.get(image_id)
+        if det is None:
+            continue
+        keep = det["scores"] >= score_thresh
+        gt_boxes, _ = dataset.targets(image_id)
+        save_detections(out_dir / f"{image_id}.png", dataset.read_image(image_id),
+                        det["boxes"][keep].numpy(), det["labels"][keep].tolist(),
+                        det["scores"][keep].tolist(), dataset.class_names, gt_boxes=gt_boxes)

@@ -1,0 +1,19 @@
+"""Box regression losses over positive anchors, summed (the criterion normalises)."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import generalized_box_iou_loss
+
+
+def smooth_l1_loss(pred_deltas: Tensor, target_deltas: Tensor, beta: float) -> Tensor:
+    """(N, 4), (N, 4) -> scalar sum. beta == 0 is plain L1: smooth-L1's 0.5 x^2 / beta branch would
+    divide by zero and give NaN gradients through torch.where."""
+    if beta < 1e-5:
+        return F.l1_loss(pred_deltas.float(), target_deltas, reduction="sum")
+    return F.smooth_l1_loss(pred_deltas.float(), target_deltas, beta=beta, reduction="sum")
+
+
+def giou_loss(pred_boxes: Tensor, target_boxes: Tensor) -> Tensor:
+    """(N, 4), (N, 4) xyxy -> scalar sum of 1 - GIoU."""
+    return generalized_box_iou_loss(pred_boxes.float(), target_boxes.float(), reduction="sum")

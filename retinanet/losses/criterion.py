@@ -1,0 +1,100 @@
+"""RetinaNet training loss: match anchors for the whole batch, then focal + box loss.
+
+No Python loop over images: targets are padded to (B, M_max) and every step is a batched op, so
+images with many, few or no boxes share one pass.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
+
+from ..boxes import BoxCoder, box_areas_valid
+from .box import giou_loss, smooth_l1_loss
+from .focal import sigmoid_focal_loss_with_class_targets
+from .matcher import BACKGROUND, IGNORE, Matcher
+
+
+def pad_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Lists of (n_i, 4) boxes and (n_i,) labels -> boxes (B, M, 4), labels (B, M), valid (B, M).
+
+    Padding rows and degenerate boxes (non-finite, zero or negative size) are not valid.
+    """
+    device = boxes[0].device if len(boxes) else torch.device("cpu")
+    if max((len(b) for b in boxes), default=0) == 0:
+        batch = len(boxes)
+        return (torch.zeros(batch, 0, 4, device=device), torch.zeros(batch, 0, dtype=torch.long,
+                device=device), torch.zeros(batch, 0, dtype=torch.bool, device=device))
+    padded_boxes = pad_sequence([b.float().reshape(-1, 4) for b in boxes], batch_first=True)
+    padded_labels = pad_sequence([lab.long() for lab in labels], batch_first=True, padding_value=-1)
+    valid = (padded_labels >= 0) & box_areas_valid(padded_boxes)
+    return padded_boxes, padded_labels, valid
+
+
+class RetinaNetCriterion(nn.Module):
+    """forward(cls_logits (B, A, K), box_deltas (B, A, 4), anchors (A, 4), gt_boxes, gt_labels)
+    -> {"loss_cls", "loss_box", "num_fg"}; the total loss is loss_cls + loss_box (weights applied).
+    """
+
+    def __init__(self, *, num_classes: int, matcher: Matcher, box_coder: BoxCoder,
+                 focal_alpha: Optional[float] = 0.25, focal_gamma: float = 2.0,
+                 cls_weight: float = 1.0, box_loss: str = "smooth_l1", smooth_l1_beta: float = 0.1,
+                 box_weight: float = 1.0, normalizer_momentum: float = 0.0):
+        super().__init__()
+        if box_loss not in ("smooth_l1", "l1", "giou"):
+            raise ValueError(f"box loss must be smooth_l1, l1 or giou, got {box_loss!r}")
+        self.num_classes = num_classes
+        self.matcher, self.box_coder = matcher, box_coder
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.cls_weight, self.box_weight = cls_weight, box_weight
+        self.box_loss, self.smooth_l1_beta = box_loss, smooth_l1_beta
+        self.normalizer_momentum = normalizer_momentum
+        # Detectron2's starting value: about the number of positives of a COCO image batch.
+        self.register_buffer("normalizer_ema", torch.tensor(100.0), persistent=True)
+
+    def forward(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor,
+                gt_boxes: Sequence[Tensor], gt_labels: Sequence[Tensor]) -> dict[str, Tensor]:
+        boxes, labels, valid = pad_targets(gt_boxes, gt_labels)
+        boxes, labels, valid = boxes.to(anchors.device), labels.to(anchors.device), valid.to(anchors.device)
+        matched_idx = self.matcher(anchors, boxes, valid)  # (B, A)
+        fg_mask = matched_idx >= 0
+        num_fg = fg_mask.sum()
+
+        # Integer class per anchor: k for a positive of class k, K for background, skip ignored.
+        safe_idx = matched_idx.clamp(min=0)
+        classes = torch.gather(labels, 1, safe_idx) if labels.shape[1] else torch.zeros_like(safe_idx)
+        classes = torch.where(fg_mask, classes, torch.full_like(classes, self.num_classes))
+        cared = matched_idx != IGNORE
+        loss_cls = sigmoid_focal_loss_with_class_targets(
+            cls_logits[cared], classes[cared], alpha=self.focal_alpha, gamma=self.focal_gamma)
+
+        # Box loss over positives only; with no positive it is an empty sum that is still connected
+        # to the graph, so every parameter keeps a gradient (matters under DDP).
+        batch_idx, anchor_idx = torch.nonzero(fg_mask, as_tuple=True)
+        pred = box_deltas[batch_idx, anchor_idx]
+        target_boxes = boxes[batch_idx, matched_idx[batch_idx, anchor_idx]] if labels.shape[1] \
+            else boxes.new_zeros(0, 4)
+        if self.box_loss == "giou":
+            loss_box = giou_loss(self.box_coder.decode(pred, anchors[anchor_idx]), target_boxes)
+        else:
+            target = self.box_coder.encode(anchors[anchor_idx], target_boxes)
+            beta = 0.0 if self.box_loss == "l1" else self.smooth_l1_beta
+            loss_box = smooth_l1_loss(pred, target, beta)
+
+        normalizer = self._normalizer(num_fg)
+        return {"loss_cls": self.cls_weight * loss_cls / normalizer,
+                "loss_box": self.box_weight * loss_box / normalizer,
+                "num_fg": num_fg.detach()}
+
+    def _normalizer(self, num_fg: Tensor) -> Tensor:
+        num_fg = num_fg.float()
+        if self.normalizer_momentum > 0 and self.training:
+            m = self.normalizer_momentum
+            self.normalizer_ema.mul_(m).add_((1 - m) * num_fg.detach())
+            return self.normalizer_ema.clamp(min=1.0)
+        return num_fg.clamp(min=1.0)
+
+
+__all__ = ["RetinaNetCriterion", "pad_targets", "BACKGROUND", "IGNORE"]

@@ -1,0 +1,49 @@
+"""The RetinaNet network: backbone -> FPN -> head, plus the anchors its outputs refer to.
+
+The network knows nothing of files, configs, losses or postprocessing; `build_model` turns the
+config's model section into constructor arguments.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from torch import Tensor, nn
+
+from .anchors import AnchorGenerator
+from .backbone import ResNetBackbone
+from .fpn import FPN
+from .head import RetinaHead
+
+
+class RetinaNetOutput(NamedTuple):
+    cls_logits: Tensor  # (B, A, K)
+    box_deltas: Tensor  # (B, A, 4)
+    anchors: Tensor  # (A, 4) xyxy pixels of the padded input
+    num_anchors_per_level: list[int]  # sums to A
+
+
+class RetinaNet(nn.Module):
+    """forward(images (B, 3, H, W), normalised and padded) -> RetinaNetOutput."""
+
+    def __init__(self, *, backbone: ResNetBackbone, fpn: FPN, head: RetinaHead,
+                 anchor_generator: AnchorGenerator):
+        super().__init__()
+        if head.num_anchors != anchor_generator.num_anchors:
+            raise ValueError(f"head predicts {head.num_anchors} anchors per location but the anchor "
+                             f"generator makes {anchor_generator.num_anchors}")
+        self.backbone = backbone
+        self.fpn = fpn
+        self.head = head
+        self.anchor_generator = anchor_generator
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    def forward(self, images: Tensor) -> RetinaNetOutput:
+        features = self.fpn(self.backbone(images))
+        cls_logits, box_deltas = self.head(features)
+        sizes = [tuple(f.shape[-2:]) for f in features]
+        anchors = self.anchor_generator(sizes, images.device)
+        return RetinaNetOutput(cls_logits, box_deltas, anchors,
+                               self.anchor_generator.num_anchors_per_level(sizes))

@@ -1,0 +1,43 @@
+import math
+
+import torch
+
+from retinanet.boxes import BoxCoder, clip_boxes
+
+
+def random_boxes(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * 500
+    wh = torch.rand(n, 2, generator=g) * 190 + 10  # size ratios < 20: inside the dw/dh clamp
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+def test_coder_round_trip_with_weights():
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    anchors, boxes = random_boxes(200, 0), random_boxes(200, 1)
+    deltas = coder.encode(anchors, boxes)
+    assert torch.allclose(coder.decode(deltas, anchors), boxes, atol=1e-3)
+
+
+def test_coder_identity_and_no_plus_one():
+    coder = BoxCoder()
+    anchor = torch.tensor([[0.0, 0.0, 10.0, 20.0]])
+    assert torch.allclose(coder.encode(anchor, anchor), torch.zeros(1, 4))
+    # a box twice as wide: dw = log 2 exactly, width = x1 - x0 (no "+1")
+    wide = torch.tensor([[-5.0, 0.0, 15.0, 20.0]])
+    assert torch.allclose(coder.encode(anchor, wide), torch.tensor([[0.0, 0.0, math.log(2), 0.0]]))
+
+
+def test_decode_clamps_before_exp_and_handles_fp16():
+    coder = BoxCoder()
+    anchors = torch.tensor([[0.0, 0.0, 16.0, 16.0]])
+    huge = torch.tensor([[0.0, 0.0, 1e4, 1e4]], dtype=torch.float16)
+    boxes = coder.decode(huge, anchors)
+    assert boxes.dtype == torch.float32 and torch.isfinite(boxes).all()
+    assert torch.allclose(boxes[0, 2] - boxes[0, 0], torch.tensor(1000.0), rtol=1e-4)
+
+
+def test_clip_boxes_per_image_sizes():
+    boxes = torch.tensor([[-5.0, -5.0, 50.0, 50.0], [10.0, 10.0, 300.0, 300.0]])
+    clipped = clip_boxes(boxes, torch.tensor([40.0, 100.0]), torch.tensor([30.0, 200.0]))
+    assert clipped.tolist() == [[0.0, 0.0, 30.0, 40.0], [10.0, 10.0, 200.0, 100.0]]

@@ -1,0 +1,61 @@
+import json
+
+import pytest
+import torch
+
+from retinanet.data import CocoDetection
+from retinanet.engine.evaluator import Evaluator, coco_evaluate, to_coco_results
+
+
+class FakeBatch:
+    def __init__(self, image_ids):
+        self.image_ids = image_ids
+
+
+def gt_detections(dataset, image_id, score=0.9):
+    boxes, labels = dataset.targets(image_id)
+    return {"boxes": torch.as_tensor(boxes), "scores": torch.full((len(boxes),), score),
+            "labels": torch.as_tensor(labels)}
+
+
+@pytest.fixture(scope="module")
+def val_set(shapes_dir):
+    return CocoDetection(shapes_dir / "val", shapes_dir / "annotations" / "instances_val.json")
+
+
+def test_perfect_detections_give_ap_one(val_set, tmp_path):
+    loader = [FakeBatch(val_set.image_ids[:4]), FakeBatch(val_set.image_ids[4:])]
+    result = Evaluator(val_set, loader, output_dir=tmp_path, max_dets=100)(
+        lambda batch: [gt_detections(val_set, i) for i in batch.image_ids], log=lambda s: None)
+    assert result["metrics"]["AP"] == pytest.approx(1.0)
+    assert result["metrics"]["AP50"] == pytest.approx(1.0)
+    assert all(ap == pytest.approx(1.0) for ap in result["per_class"].values())
+    written = json.loads((tmp_path / "coco_results.json").read_text())
+    num_boxes = sum(len(val_set.targets(i)[0]) for i in val_set.image_ids)
+    assert len(written) == num_boxes
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["metrics"]["AP"] == pytest.approx(1.0) and metrics["max_dets"] == 100
+
+
+def test_zero_detections_is_ap_zero_not_a_crash(val_set, tmp_path):
+    empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
+    result = Evaluator(val_set, [FakeBatch(val_set.image_ids)], output_dir=tmp_path)(
+        lambda batch: [empty for _ in batch.image_ids], log=lambda s: None)
+    assert all(v == 0.0 for v in result["metrics"].values())
+
+
+def test_results_use_xywh_and_original_category_ids():
+    det = {"boxes": torch.tensor([[10.0, 20.0, 40.0, 60.0]]), "scores": torch.tensor([0.5]),
+           "labels": torch.tensor([1])}
+    (res,) = to_coco_results(77, det, {0: 3, 1: 90})
+    assert res == {"image_id": 77, "category_id": 90, "bbox": [10.0, 20.0, 30.0, 40.0], "score": 0.5}
+
+
+def test_shifted_boxes_lower_ap(val_set):
+    results = []
+    for image_id in val_set.image_ids:
+        det = gt_detections(val_set, image_id)
+        det["boxes"] = det["boxes"] + 3.0  # small objects lose IoU quickly
+        results += to_coco_results(image_id, det, val_set.label_to_cat_id)
+    metrics = coco_evaluate(val_set.coco, results)["metrics"]
+    assert 0 < metrics["AP"] < 0.9

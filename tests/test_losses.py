@@ -1,0 +1,110 @@
+import pytest
+import torch
+from torchvision.ops import sigmoid_focal_loss as tv_focal
+
+from retinanet.boxes import BoxCoder
+from retinanet.losses import (Matcher, RetinaNetCriterion, sigmoid_focal_loss,
+                              sigmoid_focal_loss_with_class_targets)
+from retinanet.losses.box import smooth_l1_loss
+
+
+@pytest.mark.parametrize("alpha, gamma", [(0.25, 2.0), (None, 2.0), (0.5, 0.0), (0.25, 1.5)])
+def test_focal_loss_matches_torchvision(alpha, gamma):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(300, 7, generator=g) * 4).requires_grad_()
+    targets = (torch.rand(300, 7, generator=g) > 0.8).float()
+    ours = sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma)
+    ref = tv_focal(logits, targets, alpha=-1 if alpha is None else alpha, gamma=gamma, reduction="sum")
+    assert torch.allclose(ours, ref, rtol=1e-5)
+    (g_ours,) = torch.autograd.grad(ours, logits)
+    (g_ref,) = torch.autograd.grad(ref, logits)
+    assert torch.allclose(g_ours, g_ref, rtol=1e-4, atol=1e-7)
+
+
+def test_class_target_form_equals_one_hot_form():
+    g = torch.Generator().manual_seed(1)
+    num_classes = 5
+    logits = (torch.randn(400, num_classes, generator=g) * 3).requires_grad_()
+    classes = torch.randint(0, num_classes + 1, (400,), generator=g)  # K = background
+    one_hot = torch.nn.functional.one_hot(classes, num_classes + 1)[:, :num_classes].float()
+    ours = sigmoid_focal_loss_with_class_targets(logits, classes, alpha=0.25, gamma=2.0)
+    ref = tv_focal(logits, one_hot, alpha=0.25, gamma=2.0, reduction="sum")
+    assert torch.allclose(ours, ref, rtol=1e-5)
+    (g_ours,) = torch.autograd.grad(ours, logits)
+    (g_ref,) = torch.autograd.grad(ref, logits)
+    assert torch.allclose(g_ours, g_ref, rtol=1e-4, atol=1e-7)
+
+
+def test_focal_loss_fp16_input_is_computed_in_float32():
+    logits = torch.tensor([[12.0, -12.0]], dtype=torch.float16)
+    loss = sigmoid_focal_loss_with_class_targets(logits, torch.tensor([0]))
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_smooth_l1_beta_zero_is_l1_without_nan_gradients():
+    pred = torch.tensor([[0.0, 1.0, -2.0, 0.5]], requires_grad=True)
+    target = torch.tensor([[0.0, 0.0, 0.0, 0.0]])
+    loss = smooth_l1_loss(pred, target, beta=0.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(3.5)
+    assert torch.isfinite(pred.grad).all()
+
+
+def criterion(box_loss="smooth_l1", momentum=0.0):
+    return RetinaNetCriterion(num_classes=3, matcher=Matcher(), box_coder=BoxCoder(),
+                              box_loss=box_loss, normalizer_momentum=momentum)
+
+
+ANCHORS = torch.tensor([[0.0, 0.0, 10.0, 10.0], [10.0, 0.0, 20.0, 10.0], [0.0, 10.0, 10.0, 20.0],
+                        [10.0, 10.0, 20.0, 20.0], [0.0, 0.0, 20.0, 20.0]])
+
+
+@pytest.mark.parametrize("box_loss", ["smooth_l1", "l1", "giou"])
+def test_image_without_boxes_in_batch(box_loss):
+    cls_logits = torch.randn(2, 5, 3, requires_grad=True)
+    box_deltas = torch.randn(2, 5, 4, requires_grad=True)
+    boxes = [torch.tensor([[0.0, 0.0, 10.0, 10.0]]), torch.zeros(0, 4)]
+    labels = [torch.tensor([2]), torch.zeros(0, dtype=torch.long)]
+    losses = criterion(box_loss)(cls_logits, box_deltas, ANCHORS, boxes, labels)
+    assert torch.isfinite(losses["loss_cls"]) and losses["num_fg"].item() == 1
+    (losses["loss_cls"] + losses["loss_box"]).backward()
+    # the empty image contributes classification gradients and no box gradient
+    assert cls_logits.grad[1].abs().sum() > 0
+    assert box_deltas.grad[1].abs().sum() == 0
+
+
+def test_batch_of_only_empty_images_keeps_graph():
+    cls_logits = torch.randn(2, 5, 3, requires_grad=True)
+    box_deltas = torch.randn(2, 5, 4, requires_grad=True)
+    empty = [torch.zeros(0, 4), torch.zeros(0, 4)]
+    losses = criterion()(cls_logits, box_deltas, ANCHORS, empty, [torch.zeros(0, dtype=torch.long)] * 2)
+    assert losses["loss_box"].item() == 0 and losses["loss_box"].requires_grad
+    assert torch.isfinite(losses["loss_cls"]) and losses["loss_cls"] > 0
+    (losses["loss_cls"] + losses["loss_box"]).backward()
+    assert box_deltas.grad is not None and torch.equal(box_deltas.grad, torch.zeros_like(box_deltas))
+
+
+def test_batched_loss_equals_sum_of_per_image_losses():
+    g = torch.Generator().manual_seed(2)
+    cls_logits, box_deltas = torch.randn(3, 5, 3, generator=g), torch.randn(3, 5, 4, generator=g) * 0.1
+    boxes = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [9.0, 9.0, 21.0, 21.0]]), torch.zeros(0, 4),
+             torch.tensor([[10.0, 0.0, 20.0, 11.0]])]
+    labels = [torch.tensor([0, 1]), torch.zeros(0, dtype=torch.long), torch.tensor([2])]
+    crit = criterion()
+    batched = crit(cls_logits, box_deltas, ANCHORS, boxes, labels)
+    num_fg = batched["num_fg"].item()
+    total_cls, total_box = 0.0, 0.0
+    for i in range(3):
+        single = crit(cls_logits[i:i + 1], box_deltas[i:i + 1], ANCHORS, boxes[i:i + 1], labels[i:i + 1])
+        total_cls += single["loss_cls"] * max(single["num_fg"].item(), 1)
+        total_box += single["loss_box"] * max(single["num_fg"].item(), 1)
+    assert torch.allclose(batched["loss_cls"] * num_fg, total_cls, rtol=1e-5)
+    assert torch.allclose(batched["loss_box"] * num_fg, total_box, rtol=1e-5)
+
+
+def test_normalizer_ema():
+    crit = criterion(momentum=0.9)
+    boxes, labels = [torch.tensor([[0.0, 0.0, 10.0, 10.0]])], [torch.tensor([0])]
+    crit(torch.zeros(1, 5, 3), torch.zeros(1, 5, 4), ANCHORS, boxes, labels)
+    # one positive: ema = 0.9 * 100 + 0.1 * 1
+    assert crit.normalizer_ema.item() == pytest.approx(90.1)

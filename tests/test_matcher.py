@@ -1,0 +1,52 @@
+import torch
+
+from retinanet.losses import BACKGROUND, IGNORE, Matcher
+from retinanet.losses.criterion import pad_targets
+
+ANCHORS = torch.tensor([[0.0, 0.0, 10.0, 10.0],     # IoU 1 with gt0
+                        [0.0, 0.0, 10.0, 11.5],     # IoU 0.87 with gt0
+                        [5.0, 0.0, 15.0, 10.0],     # IoU 1/3 with gt0 -> background
+                        [2.0, 0.0, 12.0, 10.0],     # IoU 0.667 -> fg
+                        [3.0, 0.0, 13.0, 10.0],     # IoU 0.538 -> fg
+                        [4.0, 0.0, 14.0, 10.0],     # IoU 0.4286 -> ignore (between 0.4 and 0.5)
+                        [100.0, 100.0, 110.0, 110.0]])
+
+
+def match(boxes_list, allow_low_quality=True):
+    boxes, labels, valid = pad_targets(boxes_list, [torch.zeros(len(b), dtype=torch.long) for b in boxes_list])
+    return Matcher(fg_iou=0.5, bg_iou=0.4, allow_low_quality=allow_low_quality)(ANCHORS, boxes, valid)
+
+
+def test_thresholds():
+    result = match([torch.tensor([[0.0, 0.0, 10.0, 10.0]])])[0]
+    assert result.tolist() == [0, 0, BACKGROUND, 0, 0, IGNORE, BACKGROUND]
+
+
+def test_low_quality_match_gives_every_box_a_positive():
+    # gt overlapping anchor 6 with IoU 0.25 only: without low-quality matching it has no positive
+    gt = torch.tensor([[100.0, 100.0, 120.0, 120.0]])
+    assert (match([gt], allow_low_quality=False)[0] >= 0).sum() == 0
+    result = match([gt])[0]
+    assert result[6] == 0 and (result >= 0).sum() == 1
+
+
+def test_degenerate_box_is_never_matched():
+    # zero-width box: IoU 0 with everything; it must not make every anchor a low-quality match
+    boxes = [torch.tensor([[50.0, 50.0, 50.0, 60.0], [0.0, 0.0, 10.0, 10.0]])]
+    result = match(boxes)[0]
+    assert not (result == 0).any()
+    assert (result == 1).sum() == 4
+
+
+def test_batch_with_different_box_counts_and_empty_image_equals_per_image():
+    per_image = [torch.tensor([[0.0, 0.0, 10.0, 10.0], [98.0, 100.0, 110.0, 110.0]]),
+                 torch.zeros(0, 4), torch.tensor([[4.0, 0.0, 14.0, 10.0]])]
+    batched = match(per_image)
+    assert (batched[1] == BACKGROUND).all()
+    for i, boxes in enumerate(per_image):
+        assert torch.equal(batched[i], match([boxes])[0])
+
+
+def test_all_images_empty():
+    result = match([torch.zeros(0, 4), torch.zeros(0, 4)])
+    assert result.shape == (2, len(ANCHORS)) and (result == BACKGROUND).all()

@@ -1,0 +1,91 @@
+import math
+
+import pytest
+import torch
+from torchvision.models import resnet18
+from torchvision.ops import FrozenBatchNorm2d
+
+from retinanet.config import ModelConfig
+from retinanet.model import FPN, ResNetBackbone, RetinaHead, build_model
+
+
+def small_cfg(**backbone):
+    cfg = ModelConfig()
+    cfg.backbone.depth = 18
+    for key, value in backbone.items():
+        setattr(cfg.backbone, key, value)
+    cfg.fpn.channels = 32
+    cfg.head.num_convs = 2
+    return cfg
+
+
+def test_output_shapes_match_anchors():
+    model = build_model(small_cfg(), num_classes=4).eval()
+    out = model(torch.randn(2, 3, 128, 256))
+    expected = sum((128 // s) * (256 // s) for s in (8, 16, 32, 64, 128)) * 9
+    assert out.cls_logits.shape == (2, expected, 4)
+    assert out.box_deltas.shape == (2, expected, 4)
+    assert out.anchors.shape == (expected, 4)
+    assert sum(out.num_anchors_per_level) == expected
+
+
+def test_head_init_prior_probability():
+    head = RetinaHead(channels=16, num_anchors=9, num_classes=3, num_convs=2, norm="gn",
+                      gn_groups=8, prior_prob=0.01)
+    assert torch.allclose(head.cls_score.bias, torch.full((27,), -math.log(99)))
+    assert abs(head.cls_subnet[0].weight.std().item() - 0.01) < 0.002
+    cls_logits, _ = head([torch.randn(1, 16, 8, 8)])
+    assert abs(cls_logits.sigmoid().mean().item() - 0.01) < 0.005
+
+
+def test_fpn_levels_and_p6_source():
+    feats = [torch.randn(1, 8, 32, 32), torch.randn(1, 16, 16, 16), torch.randn(1, 24, 8, 8)]
+    for p6_from, in_ch in (("c5", 24), ("p5", 12)):
+        fpn = FPN(in_channels=[8, 16, 24], channels=12, p6_from=p6_from)
+        assert fpn.p6.in_channels == in_ch
+        outs = fpn(feats)
+        assert [o.shape[-1] for o in outs] == [32, 16, 8, 4, 2] and all(o.shape[1] == 12 for o in outs)
+
+
+def test_frozen_bn_and_freeze_at():
+    backbone = ResNetBackbone(depth=18, norm="frozen_bn", freeze_at=2)
+    assert isinstance(backbone.stem[1], FrozenBatchNorm2d)
+    assert not any(p.requires_grad for p in backbone.stem.parameters())
+    assert not any(p.requires_grad for p in backbone.layer1.parameters())
+    assert all(p.requires_grad for p in backbone.layer2.parameters())
+    # FrozenBN has no trainable parameters at all: its affine terms are buffers
+    assert not any("bn" in n for n, _ in backbone.named_parameters())
+
+
+def test_trainable_bn_in_frozen_stage_keeps_statistics():
+    backbone = ResNetBackbone(depth=18, norm="bn", freeze_at=1).train()
+    before = backbone.stem[1].running_mean.clone()
+    backbone(torch.randn(2, 3, 64, 64) * 5 + 3)
+    assert torch.equal(backbone.stem[1].running_mean, before)
+    assert not backbone.layer1[0].bn1.running_mean.eq(0).all()  # trainable stage does update
+
+
+def test_load_torchvision_imagenet_weights(tmp_path):
+    reference = resnet18(weights=None)
+    torch.nn.init.normal_(reference.bn1.running_mean)  # non-trivial BN statistics
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    backbone = ResNetBackbone(depth=18, norm="frozen_bn", freeze_at=0)
+    backbone.load_torchvision_weights(path)
+    assert torch.equal(backbone.stem[0].weight, reference.conv1.weight)
+    assert torch.equal(backbone.stem[1].running_mean, reference.bn1.running_mean)
+    assert torch.equal(backbone.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    reference.eval()
+    x = torch.randn(1, 3, 64, 64)
+    expected = reference.layer4(reference.layer3(reference.layer2(reference.layer1(
+        reference.maxpool(reference.relu(reference.bn1(reference.conv1(x))))))))
+    assert torch.allclose(backbone(x)[2], expected, atol=1e-5)
+
+
+def test_load_wrong_weights_is_clear(tmp_path):
+    path = tmp_path / "r18.pth"
+    torch.save(resnet18(weights=None).state_dict(), path)
+    with pytest.raises(ValueError, match=r"r18\.pth.*ResNet-50"):
+        ResNetBackbone(depth=50).load_torchvision_weights(path)
+    with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+        ResNetBackbone(depth=18).load_torchvision_weights(tmp_path / "missing.pth")

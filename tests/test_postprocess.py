@@ -1,0 +1,70 @@
+import math
+
+import torch
+
+from retinanet.boxes import BoxCoder
+from retinanet.postprocess import PostProcessor
+
+LOGIT = lambda p: math.log(p / (1 - p))  # noqa: E731
+
+
+def setup(probs, anchors, **kw):
+    """probs (B, A, K) -> postprocess with zero deltas (boxes = anchors), one level."""
+    logits = torch.tensor(probs).logit()
+    deltas = torch.zeros(*logits.shape[:2], 4)
+    pp = PostProcessor(box_coder=BoxCoder(), **kw)
+    return pp, logits, deltas, torch.tensor(anchors)
+
+
+ANCHORS = [[0.0, 0.0, 10.0, 10.0], [1.0, 0.0, 11.0, 10.0], [50.0, 50.0, 60.0, 60.0]]
+
+
+def test_threshold_nms_per_class_and_order():
+    probs = [[[0.9, 0.01], [0.8, 0.7], [0.03, 0.6]]]
+    pp, logits, deltas, anchors = setup(probs, ANCHORS, score_thresh=0.05, nms_thresh=0.5)
+    (out,) = pp(logits, deltas, anchors, [3], [(100, 100)])
+    # anchor 1 / class 0 is suppressed by anchor 0 / class 0 (IoU 0.82); class 1 on anchor 1 is
+    # a different class and survives; 0.03 and 0.01 are below the threshold.
+    assert out["scores"].tolist() == torch.tensor([0.9, 0.7, 0.6]).tolist()
+    assert out["labels"].tolist() == [0, 1, 1]
+    assert torch.allclose(out["boxes"], anchors[[0, 1, 2]])
+
+
+def test_topk_and_max_detections():
+    probs = [[[0.9, 0.8], [0.7, 0.6], [0.5, 0.4]]]
+    anchors = [[0.0, 0.0, 10.0, 10.0], [20.0, 0.0, 30.0, 10.0], [40.0, 0.0, 50.0, 10.0]]
+    pp, logits, deltas, a = setup(probs, anchors, topk_candidates=3)
+    (out,) = pp(logits, deltas, a, [3], [(100, 100)])
+    assert len(out["scores"]) == 3 and out["scores"].min() > 0.65
+    pp.topk_candidates, pp.max_detections = 1000, 4
+    (out,) = pp(logits, deltas, a, [3], [(100, 100)])
+    assert torch.allclose(out["scores"], torch.tensor([0.9, 0.8, 0.7, 0.6]))
+
+
+def test_batch_equals_per_image_clip_and_rescale():
+    g = torch.Generator().manual_seed(0)
+    anchors = torch.rand(40, 2, generator=g) * 80
+    anchors = torch.cat([anchors, anchors + 10 + torch.rand(40, 2, generator=g) * 30], 1)
+    logits = torch.randn(3, 40, 4, generator=g) * 2
+    deltas = torch.randn(3, 40, 4, generator=g) * 0.2
+    pp = PostProcessor(box_coder=BoxCoder(), score_thresh=0.2, topk_candidates=15, max_detections=7)
+    levels, sizes, outs = [25, 15], [(100, 90), (64, 64), (80, 100)], [(200, 180), (64, 64), (40, 50)]
+    batched = pp(logits, deltas, anchors, levels, sizes, outs)
+    for i in range(3):
+        (single,) = pp(logits[i:i + 1], deltas[i:i + 1], anchors, levels, sizes[i:i + 1], outs[i:i + 1])
+        for key in ("boxes", "scores", "labels"):
+            assert torch.allclose(batched[i][key].float(), single[key].float())
+        assert len(single["scores"]) <= 7
+        h, w = outs[i]
+        boxes = batched[i]["boxes"]
+        assert (boxes[:, 0::2] <= w + 1e-4).all() and (boxes[:, 1::2] <= h + 1e-4).all()
+        assert (boxes >= 0).all()
+    # image 0 was resized by 0.5: boxes are scaled by 2 back to the original image
+    (unscaled,) = pp(logits[:1], deltas[:1], anchors, levels, sizes[:1])
+    assert torch.allclose(batched[0]["boxes"], unscaled["boxes"] * 2)
+
+
+def test_no_detections():
+    pp, logits, deltas, anchors = setup([[[0.01, 0.01]] * 3, [[0.02, 0.01]] * 3], ANCHORS)
+    out = pp(logits, deltas, anchors, [3], [(100, 100), (100, 100)])
+    assert [len(o["scores"]) for o in out] == [0, 0] and out[0]["boxes"].shape == (0, 4)

@@ -1,0 +1,289 @@
+"""Tests for the synthetic shapes dataset (retinanet/data/shapes.py and scripts/make_shapes.py)."""
+
+import json
+import os
+import subprocess
+import sys
+from itertools import combinations
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools.coco import COCO
+
+from retinanet.data.shapes import (
+    BACKGROUNDS,
+    CLASS_NAMES,
+    generate_shapes_dataset,
+    is_complete,
+    render_image,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SMALL = dict(num_train=20, num_val=8, image_size=96, seed=0)
+RENDER = dict(image_size=128, min_size=8, max_size=64, max_objects=6)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    paths = generate_shapes_dataset(out, **SMALL)
+    return out, paths
+
+
+def _load(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _dir_bytes(out: Path) -> dict:
+    """Relative path -> bytes for every file under `out`."""
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+
+
+def _render_many(n, **overrides):
+    kwargs = {**RENDER, **overrides}
+    return [render_image(np.random.default_rng(i), **kwargs) for i in range(n)]
+
+
+# --------------------------------------------------------------------------- COCO json
+
+
+def test_returns_paths_and_writes_layout(dataset):
+    out, paths = dataset
+    assert set(paths) == {"train", "val"}
+    for split, num in (("train", SMALL["num_train"]), ("val", SMALL["num_val"])):
+        assert Path(paths[split]) == out / "annotations" / f"instances_{split}.json"
+        assert len(list((out / split).glob("*.png"))) == num
+    assert (out / "meta.json").is_file()
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_coco_json_is_valid(dataset, split):
+    out, paths = dataset
+    coco = COCO(paths[split])
+    raw = _load(paths[split])
+    assert {"info", "licenses", "images", "annotations", "categories"} <= raw.keys()
+    assert raw["licenses"] == []
+    assert {"description", "version", "year", "date_created"} <= raw["info"].keys()
+
+    cats = raw["categories"]
+    assert [c["id"] for c in cats] == [1, 2, 3, 4, 5]
+    assert tuple(c["name"] for c in cats) == CLASS_NAMES
+    assert all(c["supercategory"] == "shape" for c in cats)
+
+    img_ids = [im["id"] for im in raw["images"]]
+    assert img_ids == list(range(1, len(img_ids) + 1))
+    ann_ids = [a["id"] for a in raw["annotations"]]
+    assert len(set(ann_ids)) == len(ann_ids) and min(ann_ids) == 1
+    assert len(coco.getImgIds()) == SMALL[f"num_{split}"]
+    assert len(coco.getAnnIds()) == len(ann_ids) > 0
+
+    for im in raw["images"]:
+        path = out / split / im["file_name"]
+        with Image.open(path) as pil:
+            assert pil.mode == "RGB"
+            assert pil.size == (im["width"], im["height"])
+    for a in raw["annotations"]:
+        assert a["iscrowd"] == 0
+        assert a["category_id"] in range(1, 6)
+        assert a["image_id"] in coco.imgs
+        w, h = a["bbox"][2:]
+        assert a["area"] == pytest.approx(w * h, abs=0.01)
+
+
+def test_bboxes_positive_and_inside_image(dataset):
+    _, paths = dataset
+    for path in paths.values():
+        raw = _load(path)
+        images = {im["id"]: im for im in raw["images"]}
+        for a in raw["annotations"]:
+            x, y, w, h = a["bbox"]
+            im = images[a["image_id"]]
+            assert w > 0 and h > 0
+            assert x >= 0 and y >= 0
+            assert x + w <= im["width"] + 1e-6 and y + h <= im["height"] + 1e-6
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _background_colour(image):
+    """Most frequent colour: the plain background (shapes cover much less than half)."""
+    colours, counts = np.unique(image.reshape(-1, 3), axis=0, return_counts=True)
+    return colours[counts.argmax()]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_boxes_are_tight_on_plain_background(seed):
+    image, objects = render_image(np.random.default_rng(seed), background="solid", **RENDER)
+    h, w = image.shape[:2]
+    differs = np.any(image != _background_colour(image), axis=2)
+    rows, cols = np.nonzero(differs)
+
+    # Every changed pixel [c, c+1) x [r, r+1) overlaps some box grown by 1 px.
+    boxes = np.array([b for _, b in objects]).reshape(-1, 4)
+    overlaps = (
+        (cols[:, None] + 1 > boxes[None, :, 0] - 1) & (cols[:, None] < boxes[None, :, 2] + 1)
+        & (rows[:, None] + 1 > boxes[None, :, 1] - 1) & (rows[:, None] < boxes[None, :, 3] + 1)
+    )
+    assert overlaps.any(axis=1).all(), "pixels changed outside every box"
+
+    # Each shape reaches every side of its box (within 1.5 px). Objects are >= 2 px
+    # apart, so the 1-px-grown window around a box sees only its own shape.
+    for name, (x0, y0, x1, y1) in objects:
+        c0, r0 = max(int(np.floor(x0)) - 1, 0), max(int(np.floor(y0)) - 1, 0)
+        c1, r1 = min(int(np.ceil(x1)) + 1, w), min(int(np.ceil(y1)) + 1, h)
+        wr, wc = np.nonzero(differs[r0:r1, c0:c1])
+        assert len(wr) > 0, name
+        assert abs(c0 + wc.min() - x0) <= 1.5, (name, "left")
+        assert abs(c0 + wc.max() + 1 - x1) <= 1.5, (name, "right")
+        assert abs(r0 + wr.min() - y0) <= 1.5, (name, "top")
+        assert abs(r0 + wr.max() + 1 - y1) <= 1.5, (name, "bottom")
+
+
+def test_all_backgrounds_and_classes_render():
+    seen = set()
+    for bg in BACKGROUNDS:
+        for seed in range(5):
+            image, objects = render_image(np.random.default_rng(seed), background=bg, **RENDER)
+            assert image.shape == (128, 128, 3) and image.dtype == np.uint8
+            seen.update(name for name, _ in objects)
+    assert seen == set(CLASS_NAMES)
+
+
+def test_object_sizes_respect_range():
+    sides = [max(x1 - x0, y1 - y0) for _, objs in _render_many(100) for _, (x0, y0, x1, y1) in objs]
+    assert min(sides) >= 8 - 1e-6 and max(sides) <= 64 + 1e-6
+    # Log-uniform: both small and large objects occur.
+    assert min(sides) < 12 and max(sides) > 48
+
+
+def test_max_size_is_capped_by_image():
+    for _, objs in _render_many(20, image_size=(40, 200), min_size=8, max_size=100):
+        for _, (x0, y0, x1, y1) in objs:
+            assert max(x1 - x0, y1 - y0) <= 40 + 1e-6
+
+
+def test_objects_do_not_overlap_and_stay_inside():
+    for image, objs in _render_many(100):
+        h, w = image.shape[:2]
+        for _, (x0, y0, x1, y1) in objs:
+            assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
+        for (_, a), (_, b) in combinations(objs, 2):
+            gap_x = max(b[0] - a[2], a[0] - b[2])
+            gap_y = max(b[1] - a[3], a[1] - b[3])
+            assert max(gap_x, gap_y) >= 2 - 1e-9, (a, b)
+
+
+def test_object_counts():
+    counts = [len(objs) for _, objs in _render_many(300)]
+    assert max(counts) <= 6
+    assert 0 < counts.count(0) < 30  # a few empty images (~3%)
+    assert np.mean(counts) > 2
+
+
+def test_render_non_square():
+    image, objects = render_image(np.random.default_rng(0), **{**RENDER, "image_size": (64, 160)})
+    assert image.shape == (64, 160, 3)
+    for _, (x0, y0, x1, y1) in objects:
+        assert x1 <= 160 and y1 <= 64
+
+
+def test_dataset_non_square(tmp_path):
+    paths = generate_shapes_dataset(tmp_path, num_train=6, num_val=3, image_size=(48, 80), max_size=32)
+    raw = _load(paths["train"])
+    assert all(im["width"] == 80 and im["height"] == 48 for im in raw["images"])
+    with Image.open(tmp_path / "train" / raw["images"][0]["file_name"]) as pil:
+        assert pil.size == (80, 48)
+    for a in raw["annotations"]:
+        x, y, w, h = a["bbox"]
+        assert x + w <= 80 + 1e-6 and y + h <= 48 + 1e-6
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+def test_deterministic_bytes(dataset, tmp_path):
+    out, _ = dataset
+    generate_shapes_dataset(tmp_path, **SMALL)
+    assert _dir_bytes(tmp_path) == _dir_bytes(out)
+
+
+def test_seed_changes_output(dataset, tmp_path):
+    out, paths = dataset
+    other = generate_shapes_dataset(tmp_path, **{**SMALL, "seed": 1})
+    assert _load(other["train"])["annotations"] != _load(paths["train"])["annotations"]
+    assert (tmp_path / "train" / "000001.png").read_bytes() != (out / "train" / "000001.png").read_bytes()
+
+
+def test_train_and_val_differ(dataset):
+    out, paths = dataset
+    assert (out / "train" / "000001.png").read_bytes() != (out / "val" / "000001.png").read_bytes()
+    train_boxes = [a["bbox"] for a in _load(paths["train"])["annotations"]]
+    val_boxes = [a["bbox"] for a in _load(paths["val"])["annotations"]]
+    assert not set(map(tuple, train_boxes)) & set(map(tuple, val_boxes))
+
+
+def test_images_independent_of_split_length(dataset, tmp_path):
+    """Image k is the same whatever the split size (per-image child seeds)."""
+    out, _ = dataset
+    generate_shapes_dataset(tmp_path, **{**SMALL, "num_train": 5, "num_val": 2})
+    for name in ("000001.png", "000005.png"):
+        assert (tmp_path / "train" / name).read_bytes() == (out / "train" / name).read_bytes()
+
+
+# --------------------------------------------------------------------------- completeness + CLI
+
+
+def test_is_complete(dataset, tmp_path):
+    out, _ = dataset
+    assert is_complete(out, **SMALL)
+    assert not is_complete(out, **{**SMALL, "num_train": 21})
+    assert not is_complete(out, **{**SMALL, "seed": 1})
+    assert not is_complete(out, **{**SMALL, "image_size": (96, 97)})
+    assert not is_complete(out, **{**SMALL, "max_objects": 5})
+    assert not is_complete(tmp_path, **SMALL)
+
+
+def test_is_complete_detects_missing_files(tmp_path):
+    params = dict(num_train=3, num_val=2, image_size=32, max_size=16)
+    generate_shapes_dataset(tmp_path, **params)
+    assert is_complete(tmp_path, **params)
+    assert is_complete(tmp_path, **{**params, "image_size": (32, 32)})  # same size, other spelling
+    (tmp_path / "val" / "000002.png").unlink()
+    assert not is_complete(tmp_path, **params)
+
+
+def test_regeneration_removes_stale_images(tmp_path):
+    generate_shapes_dataset(tmp_path, num_train=5, num_val=2, image_size=32, max_size=16)
+    generate_shapes_dataset(tmp_path, num_train=3, num_val=2, image_size=32, max_size=16)
+    assert sorted(p.name for p in (tmp_path / "train").glob("*.png")) == [
+        "000001.png", "000002.png", "000003.png"]
+
+
+def _run_cli(*args):
+    cmd = [sys.executable, str(REPO_ROOT / "scripts" / "make_shapes.py"), *args]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the script must find the package itself
+    res = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def test_cli_generates_then_skips(tmp_path):
+    out = tmp_path / "shapes"
+    args = ["--out", str(out), "--num-train", "4", "--num-val", "2", "--size", "48x64", "--seed", "3"]
+    first = _run_cli(*args)
+    assert "Generating" in first
+    assert is_complete(out, num_train=4, num_val=2, image_size=(48, 64), seed=3)
+    watched = [out / "meta.json", out / "annotations" / "instances_train.json", out / "train" / "000001.png"]
+    mtimes = [p.stat().st_mtime_ns for p in watched]
+
+    second = _run_cli(*args)
+    assert "already complete" in second and "Generating" not in second
+    assert [p.stat().st_mtime_ns for p in watched] == mtimes
+
+    third = _run_cli(*args, "--force")
+    assert "Generating" in third
+    assert is_complete(out, num_train=4, num_val=2, image_size=(48, 64), seed=3)

@@ -1,0 +1,26 @@
+"""Train a RetinaNet: python tools/train.py --config configs/X.yaml [key=value ...] [--resume PATH|auto]"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from retinanet.cli import config_parser, run_cli  # noqa: E402
+
+
+def main() -> int:
+    parser = config_parser(__doc__)
+    parser.add_argument("--resume", default=None,
+                        help="checkpoint to resume from, or 'auto' for the latest in output_dir")
+    args = parser.parse_args()
+    from retinanet.config import load_config
+    from retinanet.engine.trainer import Trainer
+
+    config = load_config(args.config, args.overrides)
+    Trainer(config, resume=args.resume).train()
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

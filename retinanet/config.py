@@ -266,7 +266,8 @@ def validate(config: Config) -> None:
     check(0 < m.matcher.bg_iou <= m.matcher.fg_iou <= 1, "model.matcher.bg_iou",
           f"need 0 < bg_iou <= fg_iou <= 1, got bg_iou={m.matcher.bg_iou}, fg_iou={m.matcher.fg_iou}")
     n_levels = len(m.anchors.strides)
-    check(n_levels == 5, "model.anchors.strides", f"need 5 strides for P3..P7, got {n_levels}")
+    check(m.anchors.strides == [8, 16, 32, 64, 128], "model.anchors.strides",
+          f"must be the strides of P3..P7, [8, 16, 32, 64, 128], got {m.anchors.strides}")
     check(len(m.anchors.sizes) == n_levels, "model.anchors.sizes",
           f"need one size per level ({n_levels}), got {len(m.anchors.sizes)}")
     check(len(m.box_coder.weights) == 4, "model.box_coder.weights", "need 4 weights")
@@ -395,6 +396,11 @@ def _convert(hint: Any, value: Any, key: str, source: str):
             fail("an integer")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                fail("a number")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail("a number")
         return float(value)

@@ -16,7 +16,7 @@ from torch import Tensor
 from .config import Config, load_config
 from .data import Batch, Collate, DetectionTransform, build_transform, load_coco
 from .losses import build_box_coder
-from .model import RetinaNet, build_model
+from .model import RetinaNet, build_model, use_fast_memory_format
 from .postprocess import PostProcessor, build_postprocessor
 
 
@@ -26,13 +26,13 @@ class Detector:
     def __init__(self, model: RetinaNet, *, transform: DetectionTransform, postprocessor: PostProcessor,
                  size_divisibility: int, class_names: Sequence[str] | None = None,
                  label_to_cat_id: dict[int, int] | None = None, device: str | torch.device = "cpu"):
-        self.model = model
+        self.device = torch.device(device)
+        self.model = use_fast_memory_format(model, self.device)
         self.transform, self.postprocessor = transform, postprocessor
         self.collate = Collate(size_divisibility)
         num_classes = model.num_classes
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.label_to_cat_id = label_to_cat_id or {i: i + 1 for i in range(num_classes)}
-        self.device = torch.device(device)
 
     @classmethod
     def from_config(cls, config: str | Path | Config, weights: str | Path | None = None,
@@ -51,7 +51,7 @@ class Detector:
         if class_names and len(class_names) != num_classes:
             raise ValueError(f"model.num_classes is {num_classes} but the dataset has "
                              f"{len(class_names)} categories")
-        model = build_model(cfg.model, num_classes)
+        model = build_model(cfg.model, num_classes, load_backbone_weights=weights is None)
         if weights is not None:
             load_model_weights(model, weights)
         device = device or ("cuda" if cfg.train.device == "auto" and torch.cuda.is_available()

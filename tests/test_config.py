@@ -69,6 +69,16 @@ def test_int_is_accepted_for_float_and_null_for_optional(tmp_path):
     assert cfg.train.clip_grad_norm == 10.0
 
 
+def test_exponent_notation_without_dot_is_a_number(tmp_path):
+    # YAML 1.1 reads 1e-4 (no dot) as a string; it must still be accepted for float keys
+    cfg = load_config(write(tmp_path / "c.yaml", {}), ["train.optimizer.lr=1e-3"])
+    assert cfg.train.optimizer.lr == 1e-3
+    (tmp_path / "w.yaml").write_text("train:\n  optimizer:\n    weight_decay: 1e-4\n")
+    assert load_config(tmp_path / "w.yaml").train.optimizer.weight_decay == 1e-4
+    with pytest.raises(ConfigError, match="expected a number"):
+        load_config(write(tmp_path / "c.yaml", {}), ["train.optimizer.lr=fast"])
+
+
 def test_missing_file_and_base_cycle(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

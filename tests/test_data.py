@@ -100,3 +100,27 @@ def test_collate_pads_to_multiple_of_128():
     assert batch.image_ids == [1, 2] and batch.image_sizes == [(100, 130), (129, 20)]
     assert batch.labels[1].tolist() == [2] and batch.boxes[0].shape == (0, 4)
     assert pad_images([torch.ones(3, 10, 10)], 1).shape == (1, 3, 10, 10)
+
+
+def test_transform_clips_round_off_and_rejects_boxes_outside():
+    t = DetectionTransform(min_sizes=[100], max_size=100, mean=[0] * 3, std=[1] * 3)
+    sample = {"image": np.zeros((100, 100, 3), np.uint8), "labels": np.array([1, 2]),
+              "image_id": 9, "orig_size": (100, 100)}
+    out = t({**sample, "boxes": np.array([[10, 10, 50, 40], [90, 20, 100.00001, 30]], np.float32)})
+    assert out["boxes"][1, 2] == 100 and out["labels"].tolist() == [1, 2]
+    with pytest.raises(ValueError, match=r"image 9: box .* has no area inside the 100x100 image"):
+        t({**sample, "boxes": np.array([[10, 10, 50, 40], [100, 20, 110, 30]], np.float32)})
+
+
+def test_train_pipeline_is_seeded():
+    t = DetectionTransform(min_sizes=[32, 48, 64, 80], max_size=1000, mean=[0] * 3, std=[1] * 3,
+                           hflip_prob=0.5)
+    sample = {"image": np.zeros((16, 16, 3), np.uint8), "boxes": np.array([[0, 0, 4, 4]], np.float32),
+              "labels": np.array([0]), "image_id": 0, "orig_size": (16, 16)}
+
+    def draws(seed):
+        t.set_seed(seed)
+        return [(t(sample)["image_size"], t(sample)["boxes"][0, 0].item()) for _ in range(12)]
+
+    assert draws(5) == draws(5)
+    assert draws(5) != draws(6)

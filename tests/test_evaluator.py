@@ -37,6 +37,17 @@ def test_perfect_detections_give_ap_one(val_set, tmp_path):
     assert metrics["metrics"]["AP"] == pytest.approx(1.0) and metrics["max_dets"] == 100
 
 
+@pytest.mark.parametrize("max_dets", [50, 300])
+def test_headline_ap_at_other_max_dets(val_set, max_dets):
+    # pycocotools computes its first number at a hard-coded maxDets=100; ours follows max_dets
+    results = []
+    for image_id in val_set.image_ids:
+        results += to_coco_results(image_id, gt_detections(val_set, image_id), val_set.label_to_cat_id)
+    result = coco_evaluate(val_set.coco, results, max_dets=max_dets)
+    assert result["metrics"]["AP"] == pytest.approx(1.0)
+    assert f"maxDets={max_dets:>3} ] = 1.000" in result["summary"].splitlines()[0]
+
+
 def test_zero_detections_is_ap_zero_not_a_crash(val_set, tmp_path):
     empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
     result = Evaluator(val_set, [FakeBatch(val_set.image_ids)], output_dir=tmp_path)(

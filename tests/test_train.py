@@ -60,6 +60,22 @@ def test_resume_continues_where_it_stopped(tiny_config):
     assert load_checkpoint(f"{out}/model_final.pth")["iteration"] == 4
 
 
+def test_train_and_val_categories_must_agree(tiny_config, tmp_path):
+    ann = json.loads(open(tiny_config.data.val.annotations).read())
+    ann["categories"] = ann["categories"][:4]
+    ann["annotations"] = [a for a in ann["annotations"] if a["category_id"] <= 4]
+    (tmp_path / "val.json").write_text(json.dumps(ann))
+    tiny_config.data.val.annotations = str(tmp_path / "val.json")
+    with pytest.raises(ValueError, match="different categories"):
+        Trainer(tiny_config, log=lambda s: None)
+
+
+def test_eval_period_needs_a_validation_set(tiny_config):
+    tiny_config.data.val.annotations, tiny_config.train.eval_period = "", 2
+    with pytest.raises(ValueError, match="train.eval_period"):
+        Trainer(tiny_config, log=lambda s: None)
+
+
 def run_tool(*args):
     proc = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, capture_output=True, text=True,
                           timeout=600)
@@ -101,3 +117,14 @@ def test_eval_tool_missing_weights_is_one_line(shapes_dir, tmp_path):
                            "--weights", str(tmp_path / "none.pth"), *tiny_overrides(shapes_dir, tmp_path)],
                           cwd=REPO_ROOT, capture_output=True, text=True)
     assert proc.returncode == 2 and "none.pth" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="AMP training needs CUDA")
+def test_amp_training_step_on_cuda(tiny_config):
+    cfg = tiny_config
+    cfg.train.amp, cfg.train.device, cfg.data.val.annotations = True, "cuda", ""
+    trainer = Trainer(cfg, log=lambda s: None)
+    assert trainer.use_amp
+    trainer.train()
+    state = load_checkpoint(f"{cfg.output_dir}/model_final.pth")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

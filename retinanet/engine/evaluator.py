@@ -48,20 +48,42 @@ def coco_evaluate(coco_gt: COCO, results: list[dict], *, max_dets: int = 100,
     evaluator.params.maxDets = [1, 10, max_dets]
     if image_ids is not None:
         evaluator.params.imgIds = list(image_ids)
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
+    with contextlib.redirect_stdout(io.StringIO()):
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
+    stats = list(evaluator.stats)
+    # summarize() computes the headline AP at a hard-coded maxDets=100 (-1 for any other value);
+    # recompute it at our maxDets, as its other AP lines are.
+    all_ap = evaluator.eval["precision"][:, :, :, 0, -1]
+    stats[0] = float(all_ap[all_ap > -1].mean()) if (all_ap > -1).any() else -1.0
     # pycocotools reports -1 for a size bucket without ground truth; keep that meaning.
-    metrics = {name: float(v) for name, v in zip(METRIC_NAMES, evaluator.stats)}
+    metrics = {name: float(v) for name, v in zip(METRIC_NAMES, stats)}
     precision = evaluator.eval["precision"]  # (T iou, R recall, K class, A area, M maxdets)
     per_class = {}
     for k, cat_id in enumerate(evaluator.params.catIds):
         values = precision[:, :, k, 0, -1]
         values = values[values > -1]
         per_class[class_names[cat_id]] = float(values.mean()) if values.size else float("nan")
-    return {"metrics": metrics, "per_class": per_class, "summary": buffer.getvalue()}
+    return {"metrics": metrics, "per_class": per_class, "summary": _summary_text(metrics, max_dets)}
+
+
+def _summary_text(metrics: dict, max_dets: int) -> str:
+    """pycocotools' 12-line summary, with the maxDets actually used."""
+    rows = [("Average Precision", "AP", "0.50:0.95", "all", max_dets),
+            ("Average Precision", "AP", "0.50", "all", max_dets),
+            ("Average Precision", "AP", "0.75", "all", max_dets),
+            ("Average Precision", "AP", "0.50:0.95", "small", max_dets),
+            ("Average Precision", "AP", "0.50:0.95", "medium", max_dets),
+            ("Average Precision", "AP", "0.50:0.95", "large", max_dets),
+            ("Average Recall", "AR", "0.50:0.95", "all", 1),
+            ("Average Recall", "AR", "0.50:0.95", "all", 10),
+            ("Average Recall", "AR", "0.50:0.95", "all", max_dets),
+            ("Average Recall", "AR", "0.50:0.95", "small", max_dets),
+            ("Average Recall", "AR", "0.50:0.95", "medium", max_dets),
+            ("Average Recall", "AR", "0.50:0.95", "large", max_dets)]
+    return "\n".join(f" {title:<18} ({short}) @[ IoU={iou:<9} | area={area:>6} | maxDets={dets:>3} ] = "
+                     f"{metrics[name]:0.3f}" for (title, short, iou, area, dets), name in zip(rows, METRIC_NAMES))
 
 
 def format_report(result: dict, max_dets: int) -> str:

@@ -6,16 +6,17 @@ from .anchors import AnchorGenerator
 from .backbone import ResNetBackbone
 from .fpn import FPN
 from .head import RetinaHead
-from .retinanet import RetinaNet, RetinaNetOutput
+from .retinanet import RetinaNet, RetinaNetOutput, use_fast_memory_format
 
 __all__ = ["AnchorGenerator", "FPN", "ResNetBackbone", "RetinaHead", "RetinaNet",
-           "RetinaNetOutput", "build_model"]
+           "RetinaNetOutput", "build_model", "use_fast_memory_format"]
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> RetinaNet:
+def build_model(cfg: ModelConfig, num_classes: int, *, load_backbone_weights: bool = True) -> RetinaNet:
+    """`load_backbone_weights=False` skips the ImageNet init (when full weights are loaded next)."""
     backbone = ResNetBackbone(depth=cfg.backbone.depth, norm=cfg.backbone.norm,
                               norm_eps=cfg.backbone.norm_eps, freeze_at=cfg.backbone.freeze_at)
-    if cfg.backbone.weights:
+    if cfg.backbone.weights and load_backbone_weights:
         backbone.load_torchvision_weights(cfg.backbone.weights)
     anchors = AnchorGenerator(sizes=cfg.anchors.sizes, octave_scales=cfg.anchors.octave_scales,
                               aspect_ratios=cfg.anchors.aspect_ratios, strides=cfg.anchors.strides,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
 from torch import Tensor, nn
 
 from .anchors import AnchorGenerator
@@ -20,6 +21,14 @@ class RetinaNetOutput(NamedTuple):
     box_deltas: Tensor  # (B, A, 4)
     anchors: Tensor  # (A, 4) xyxy pixels of the padded input
     num_anchors_per_level: list[int]  # sums to A
+
+
+def use_fast_memory_format(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """NHWC (channels_last) weights on CPU, where its convolutions are faster (~1.2x measured for a
+    ResNet-18 training step); RetinaNet.forward then converts its input to match."""
+    if torch.device(device).type == "cpu":
+        model.to(memory_format=torch.channels_last)
+    return model
 
 
 class RetinaNet(nn.Module):
@@ -41,6 +50,8 @@ class RetinaNet(nn.Module):
         return self.head.num_classes
 
     def forward(self, images: Tensor) -> RetinaNetOutput:
+        if self.backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last):
+            images = images.contiguous(memory_format=torch.channels_last)
         features = self.fpn(self.backbone(images))
         cls_logits, box_deltas = self.head(features)
         sizes = [tuple(f.shape[-2:]) for f in features]

@@ -1,0 +1,119 @@
+"""COCO-format detection dataset read with pycocotools.
+
+Samples hold the image as RGB uint8 (H, W, 3) and boxes as xyxy float32 pixels with contiguous
+labels 0..K-1 (COCO's sparse category ids are mapped at this boundary and back in the evaluator).
+Crowd annotations are excluded from the targets; images without annotations stay, as negatives.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import cv2
+import numpy as np
+from pycocotools.coco import COCO
+from torch.utils.data import Dataset
+
+logger = logging.getLogger(__name__)
+
+
+def load_coco(annotations: str | Path) -> COCO:
+    """pycocotools' COCO without its console chatter, with errors that name the file."""
+    path = Path(annotations)
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return COCO(str(path))
+    except (ValueError, KeyError, TypeError, AssertionError) as error:
+        raise ValueError(f"{path}: not a COCO instances json ({type(error).__name__}: {error})") from None
+
+
+class CocoDetection(Dataset):
+    """__getitem__(i) -> dict(image (H, W, 3) uint8 RGB, boxes (n, 4) float32 xyxy, labels (n,) int64,
+    image_id int, orig_size (h, w)), passed through `transform` when one is given.
+
+    Annotations with zero or negative width/height are dropped at load with one counted warning
+    (they cannot be matched and crash augmentation); other boxes are clipped to the image.
+    """
+
+    def __init__(self, images_dir: str | Path, annotations: str | Path,
+                 transform: Optional[Callable[[dict], dict]] = None):
+        self.images_dir = Path(images_dir)
+        self.annotations_file = Path(annotations)
+        if not self.images_dir.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.images_dir} "
+                                    f"(for annotations {self.annotations_file})")
+        self.coco = load_coco(self.annotations_file)
+        self.transform = transform
+        self.cat_ids = sorted(self.coco.getCatIds())
+        if not self.cat_ids:
+            raise ValueError(f"{self.annotations_file}: no categories; a detection dataset needs "
+                             "a non-empty 'categories' list")
+        self.class_names = [self.coco.cats[c]["name"] for c in self.cat_ids]
+        self.cat_id_to_label = {c: i for i, c in enumerate(self.cat_ids)}
+        self.label_to_cat_id = dict(enumerate(self.cat_ids))
+        self.image_ids = sorted(self.coco.getImgIds())
+        self._targets = {i: self._load_targets(i) for i in self.image_ids}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.cat_ids)
+
+    def _load_targets(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
+        info = self.coco.imgs[image_id]
+        width, height = info["width"], info["height"]
+        boxes, labels = [], []
+        for ann in self.coco.imgToAnns.get(image_id, []):
+            if ann.get("iscrowd", 0):
+                continue
+            if ann["category_id"] not in self.cat_id_to_label:
+                raise ValueError(f"{self.annotations_file}: annotation {ann['id']} of image {image_id} "
+                                 f"has unknown category_id {ann['category_id']}")
+            x, y, w, h = ann["bbox"]
+            box = [max(0.0, x), max(0.0, y), min(float(width), x + w), min(float(height), y + h)]
+            if not (np.isfinite(box).all() and box[2] > box[0] and box[3] > box[1]):
+                self._dropped = getattr(self, "_dropped", []) + [ann["id"]]
+                continue
+            boxes.append(box)
+            labels.append(self.cat_id_to_label[ann["category_id"]])
+        return (np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
+                np.asarray(labels, dtype=np.int64))
+
+    def targets(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """Boxes (n, 4) xyxy and labels (n,) of an image as loaded (before any transform)."""
+        return self._targets[image_id]
+
+    def report_dropped(self) -> int:
+        """Logs (once) and returns how many degenerate annotations were dropped."""
+        dropped = getattr(self, "_dropped", [])
+        if dropped:
+            logger.warning("%s: dropped %d annotation(s) with zero/negative size or outside the "
+                           "image (first ids: %s)", self.annotations_file, len(dropped), dropped[:5])
+        return len(dropped)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def image_path(self, image_id: int) -> Path:
+        return self.images_dir / self.coco.imgs[image_id]["file_name"]
+
+    def read_image(self, image_id: int) -> np.ndarray:
+        path = self.image_path(image_id)
+        image = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR) if path.is_file() else None
+        if image is None:
+            raise FileNotFoundError(f"cannot read image {path} (image id {image_id} of "
+                                    f"{self.annotations_file})")
+        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+    def __getitem__(self, index: int) -> dict:
+        image_id = self.image_ids[index]
+        image = self.read_image(image_id)
+        boxes, labels = self._targets[image_id]
+        sample = {"image": image, "boxes": boxes, "labels": labels, "image_id": image_id,
+                  "orig_size": (image.shape[0], image.shape[1])}
+        return self.transform(sample) if self.transform is not None else sample

@@ -1,0 +1,103 @@
+"""Albumentations pipelines for training and evaluation.
+
+Boxes travel as pascal_voc (xyxy pixels) with their labels in `label_fields`, clipped to the image,
+and boxes that become empty are dropped together with their labels.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at import
+
+import albumentations as A  # noqa: E402
+from albumentations.augmentations.geometric.resize import MaxSizeTransform  # noqa: E402
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+class ResizeShortestEdge(MaxSizeTransform):
+    """Scales the shortest side to one of `min_sizes` (drawn per image) unless the longest side
+    would then exceed `max_size`, in which case the longest side is `max_size` (detectron2's
+    ResizeShortestEdge, torchvision's GeneralizedRCNNTransform)."""
+
+    def __init__(self, min_sizes: Sequence[int], max_size: int, p: float = 1.0):
+        super().__init__(max_size=None, max_size_hw=(None, None), interpolation=cv2.INTER_LINEAR, p=p)
+        self.min_sizes = [int(s) for s in min_sizes]
+        self.max_size = int(max_size)
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        height, width = params["shape"][:2]
+        target = self.min_sizes[0] if len(self.min_sizes) == 1 else self.py_random.choice(self.min_sizes)
+        scale = min(target / min(height, width), self.max_size / max(height, width))
+        return {"scale": scale}
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("min_sizes", "max_size")
+
+
+class DetectionTransform:
+    """Callable on a dataset sample: resizes / augments image and boxes, normalises the image.
+
+    Output sample: image (3, H, W) float32 normalised, boxes (n, 4) float32 tensor xyxy in the
+    resized image, labels (n,) int64 tensor, image_size (H, W), plus the input's image_id and
+    orig_size.
+    """
+
+    def __init__(self, *, min_sizes: Sequence[int], max_size: int, mean: Sequence[float],
+                 std: Sequence[float], hflip_prob: float = 0.0, color_jitter: dict | None = None):
+        steps: list[A.BasicTransform] = [ResizeShortestEdge(min_sizes, max_size)]
+        if hflip_prob > 0:
+            steps.append(A.HorizontalFlip(p=hflip_prob))
+        if color_jitter and color_jitter.get("prob", 0) > 0:
+            steps.append(A.ColorJitter(brightness=color_jitter["brightness"],
+                                       contrast=color_jitter["contrast"],
+                                       saturation=color_jitter["saturation"],
+                                       hue=color_jitter["hue"], p=color_jitter["prob"]))
+        steps.append(A.Normalize(mean=mean, std=std, max_pixel_value=255.0))
+        self.pipeline = A.Compose(
+            steps,
+            bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], clip=True,
+                                     min_area=0.0, min_width=0.0, min_height=0.0))
+
+    def set_seed(self, seed: int) -> None:
+        """albumentations keeps its own generators (np.random / random seeds do not reach them)."""
+        self.pipeline.set_random_seed(seed)
+
+    def __call__(self, sample: dict) -> dict:
+        boxes, labels = sample["boxes"], sample["labels"]
+        if len(boxes) != len(labels):
+            raise ValueError(f"image {sample.get('image_id')}: {len(boxes)} boxes but {len(labels)} labels")
+        height, width = sample["image"].shape[:2]
+        # Clip first: float round-off just past the edge makes albumentations raise.
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4).clip(0, [width, height, width, height])
+        empty = ~((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
+        if empty.any():
+            raise ValueError(f"image {sample.get('image_id')}: box {boxes[empty][0].tolist()} has no "
+                             f"area inside the {width}x{height} image; drop such boxes before the "
+                             "transform (CocoDetection does, with a counted warning)")
+        out = self.pipeline(image=sample["image"], bboxes=boxes, labels=np.asarray(labels, np.int64))
+        image = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
+        out_boxes = np.asarray(out["bboxes"], np.float32).reshape(-1, 4)
+        out_labels = np.asarray(out["labels"], np.int64).reshape(-1)
+        if len(out_boxes) != len(out_labels):  # labels must never drift from their boxes
+            raise RuntimeError(f"image {sample.get('image_id')}: augmentation returned "
+                               f"{len(out_boxes)} boxes and {len(out_labels)} labels")
+        # albumentations keeps boxes clipped to zero area (min_area is inclusive): drop them here,
+        # with their labels, so that only boxes with an extent reach the matcher.
+        nonempty = (out_boxes[:, 2] > out_boxes[:, 0]) & (out_boxes[:, 3] > out_boxes[:, 1])
+        out_boxes, out_labels = torch.as_tensor(out_boxes[nonempty]), torch.as_tensor(out_labels[nonempty])
+        return {"image": image, "boxes": out_boxes, "labels": out_labels,
+                "image_id": sample["image_id"], "orig_size": tuple(sample["orig_size"]),
+                "image_size": (image.shape[1], image.shape[2])}
+
+
+def build_transform(data_cfg, *, train: bool) -> DetectionTransform:
+    if train:
+        jitter = data_cfg.color_jitter
+        return DetectionTransform(min_sizes=data_cfg.min_size, max_size=data_cfg.max_size,
+                                  mean=data_cfg.mean, std=data_cfg.std, hflip_prob=data_cfg.hflip_prob,
+                                  color_jitter=vars(jitter) if jitter.prob > 0 else None)
+    return DetectionTransform(min_sizes=[data_cfg.test_min_size], max_size=data_cfg.test_max_size,
+                              mean=data_cfg.mean, std=data_cfg.std)

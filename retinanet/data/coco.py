@@ -58,6 +58,7 @@ class CocoDetection(Dataset):
         self.cat_id_to_label = {c: i for i, c in enumerate(self.cat_ids)}
         self.label_to_cat_id = dict(enumerate(self.cat_ids))
         self.image_ids = sorted(self.coco.getImgIds())
+        self._dropped: list[int] = []  # ids of degenerate annotations left out
         self._targets = {i: self._load_targets(i) for i in self.image_ids}
 
     @property
@@ -77,7 +78,7 @@ class CocoDetection(Dataset):
             x, y, w, h = ann["bbox"]
             box = [max(0.0, x), max(0.0, y), min(float(width), x + w), min(float(height), y + h)]
             if not (np.isfinite(box).all() and box[2] > box[0] and box[3] > box[1]):
-                self._dropped = getattr(self, "_dropped", []) + [ann["id"]]
+                self._dropped.append(ann["id"])
                 continue
             boxes.append(box)
             labels.append(self.cat_id_to_label[ann["category_id"]])
@@ -90,11 +91,11 @@ class CocoDetection(Dataset):
 
     def report_dropped(self) -> int:
         """Logs (once) and returns how many degenerate annotations were dropped."""
-        dropped = getattr(self, "_dropped", [])
-        if dropped:
+        if self._dropped:
             logger.warning("%s: dropped %d annotation(s) with zero/negative size or outside the "
-                           "image (first ids: %s)", self.annotations_file, len(dropped), dropped[:5])
-        return len(dropped)
+                           "image (first ids: %s)", self.annotations_file, len(self._dropped),
+                           self._dropped[:5])
+        return len(self._dropped)
 
     def __len__(self) -> int:
         return len(self.image_ids)

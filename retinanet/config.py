@@ -103,9 +103,20 @@ class ModelConfig:
 
 @dataclass
 class ClsLossConfig:
-    type: Literal["focal"] = "focal"
-    alpha: Optional[float] = 0.25  # None: no positive/negative balancing
-    gamma: float = 2.0
+    # focal | bce (focal with gamma 0) | ghm (GHM-C) | ohem (hard negatives on BCE) |
+    # softmax_focal (K + 1 classes; scores become softmax probabilities). When to use each:
+    # the docstrings in retinanet/losses/classification.py.
+    type: Literal["focal", "bce", "ghm", "ohem", "softmax_focal"] = "focal"
+    alpha: Optional[float] = 0.25  # focal, bce, softmax_focal; None: no positive/negative balancing
+    gamma: float = 2.0  # focal, softmax_focal
+    label_smoothing: float = 0.0  # focal, bce (towards 0.5), softmax_focal (towards 1/(K+1))
+    ghm_bins: int = 10
+    ghm_momentum: float = 0.75
+    ohem_neg_pos_ratio: float = 3.0  # hard negatives kept per positive, per image
+    ohem_min_negatives: int = 16  # per image, so images without boxes still teach background
+    # Class-balanced weighting by effective number (Cui et al. 2019), on top of any type:
+    # positives of class k are weighted by (1 - beta) / (1 - beta^n_k); None disables it.
+    class_balance_beta: Optional[float] = None
     weight: float = 1.0
 
 
@@ -275,6 +286,15 @@ def validate(config: Config) -> None:
     check(t.batch_size > 0, "train.batch_size", "must be positive")
     check(t.max_iter > 0, "train.max_iter", "must be positive")
     check(config.loss.box.beta >= 0, "loss.box.beta", "must be >= 0")
+    cls = config.loss.cls
+    check(0 <= cls.label_smoothing < 1, "loss.cls.label_smoothing", "must be in [0, 1)")
+    check(cls.label_smoothing == 0 or cls.type in ("focal", "bce", "softmax_focal"),
+          "loss.cls.label_smoothing", f"applies to focal, bce and softmax_focal, not {cls.type}")
+    check(cls.ghm_bins >= 1, "loss.cls.ghm_bins", "must be >= 1")
+    check(0 <= cls.ghm_momentum < 1, "loss.cls.ghm_momentum", "must be in [0, 1)")
+    check(cls.ohem_neg_pos_ratio > 0, "loss.cls.ohem_neg_pos_ratio", "must be positive")
+    check(cls.class_balance_beta is None or 0 <= cls.class_balance_beta < 1,
+          "loss.cls.class_balance_beta", "must be in [0, 1) or null")
     check(all(s > 0 for s in config.data.min_size) and config.data.min_size, "data.min_size",
           "need one or more positive sizes")
     check(len(config.data.mean) == 3 and len(config.data.std) == 3, "data.mean",
@@ -316,7 +336,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r} is not of the form key.sub=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.safe_load(raw) if raw.strip() else ""  # "key=" is the empty string; use key=null for None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value

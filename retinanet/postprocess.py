@@ -12,6 +12,7 @@ from torch import Tensor
 from torchvision.ops import batched_nms
 
 from .boxes import BoxCoder, clip_boxes
+from .losses import score_activation
 
 
 class PostProcessor:
@@ -21,8 +22,11 @@ class PostProcessor:
     """
 
     def __init__(self, *, box_coder: BoxCoder, score_thresh: float = 0.05,
-                 topk_candidates: int = 1000, nms_thresh: float = 0.5, max_detections: int = 100):
-        self.box_coder = box_coder
+                 topk_candidates: int = 1000, nms_thresh: float = 0.5, max_detections: int = 100,
+                 activation: str = "sigmoid"):
+        if activation not in ("sigmoid", "softmax"):
+            raise ValueError(f"activation must be 'sigmoid' or 'softmax', got {activation!r}")
+        self.box_coder, self.activation = box_coder, activation
         self.score_thresh, self.topk_candidates = score_thresh, topk_candidates
         self.nms_thresh, self.max_detections = nms_thresh, max_detections
 
@@ -35,12 +39,11 @@ class PostProcessor:
         all_boxes, all_scores, all_labels, all_images = [], [], [], []
         start = 0
         for count in num_anchors_per_level:
-            logits = cls_logits[:, start:start + count].float().reshape(batch, -1)  # (B, A_l * K)
+            probs = self._scores(cls_logits[:, start:start + count]).reshape(batch, -1)  # (B, A_l*K)
             # top-k over everything then the threshold selects the same set as the threshold
             # then top-k (the published order), with one batched top-k call for all images.
-            k = min(self.topk_candidates, logits.shape[1])
-            top_logits, flat_idx = logits.topk(k, dim=1)  # (B, k)
-            scores = top_logits.sigmoid()
+            k = min(self.topk_candidates, probs.shape[1])
+            scores, flat_idx = probs.topk(k, dim=1)  # (B, k)
             keep = scores > self.score_thresh
             image_idx = torch.arange(batch, device=device)[:, None].expand(batch, k)[keep]
             flat_idx = flat_idx[keep]
@@ -68,6 +71,16 @@ class PostProcessor:
                 zip(boxes.split(counts), scores.split(counts), labels.split(counts))]
 
 
+    def _scores(self, logits: Tensor) -> Tensor:
+        """(B, A_l, K) logits -> (B, A_l, K) float32 class probabilities."""
+        logits = logits.float()
+        if self.activation == "sigmoid":
+            return logits.sigmoid()
+        # softmax over K + 1 with the background logit fixed at 0 (see SoftmaxFocalLoss)
+        background = logits.new_zeros(*logits.shape[:-1], 1)
+        return torch.cat([logits, background], dim=-1).softmax(dim=-1)[..., :-1]
+
+
 def _top_per_image(keep: Tensor, image_idx: Tensor, max_per_image: int) -> Tensor:
     """keep: indices sorted by decreasing score -> the first max_per_image of each image,
     grouped by image (stable: still by decreasing score within an image)."""
@@ -82,4 +95,4 @@ def build_postprocessor(config, box_coder: BoxCoder) -> PostProcessor:
     p = config.model.postprocess
     return PostProcessor(box_coder=box_coder, score_thresh=p.score_thresh,
                          topk_candidates=p.topk_candidates, nms_thresh=p.nms_thresh,
-                         max_detections=p.max_detections)
+                         max_detections=p.max_detections, activation=score_activation(config))

@@ -89,6 +89,12 @@ class CocoDetection(Dataset):
         """Boxes (n, 4) xyxy and labels (n,) of an image as loaded (before any transform)."""
         return self._targets[image_id]
 
+    def class_counts(self) -> list[int]:
+        """Number of (non-crowd, non-degenerate) boxes per contiguous label."""
+        labels = [lab for _, lab in self._targets.values()]
+        all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+        return np.bincount(all_labels, minlength=self.num_classes).tolist()
+
     def report_dropped(self) -> int:
         """Logs (once) and returns how many degenerate annotations were dropped."""
         if self._dropped:

@@ -102,7 +102,8 @@ class Trainer:
                            "(set the weights path, or use norm: bn to train from scratch)")
         self.model = use_fast_memory_format(build_model(config.model, num_classes).to(self.device),
                                             self.device)
-        self.criterion = build_criterion(config, num_classes).to(self.device)
+        self.criterion = build_criterion(config, num_classes,
+                                         self.train_set.class_counts()).to(self.device)
         self.optimizer = build_optimizer(config, self.model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda it: lr_factor(config, it))

@@ -1,26 +1,47 @@
 """Losses and matching: `build_criterion(config, num_classes)` wires them from a config."""
 from __future__ import annotations
 
+from typing import Sequence
+
+import torch
+
 from ..boxes import BoxCoder
 from ..config import Config
+from .classification import (BCELoss, ClassificationLoss, FocalLoss, GHMLoss, OHEMLoss,
+                             SoftmaxFocalLoss, build_classification_loss, class_balanced_weights)
 from .criterion import RetinaNetCriterion, pad_targets
 from .focal import sigmoid_focal_loss, sigmoid_focal_loss_with_class_targets
 from .matcher import BACKGROUND, IGNORE, Matcher
 
-__all__ = ["BACKGROUND", "IGNORE", "Matcher", "RetinaNetCriterion", "build_criterion",
-           "pad_targets", "sigmoid_focal_loss", "sigmoid_focal_loss_with_class_targets"]
+__all__ = ["BACKGROUND", "BCELoss", "ClassificationLoss", "FocalLoss", "GHMLoss", "IGNORE",
+           "Matcher", "OHEMLoss", "RetinaNetCriterion", "SoftmaxFocalLoss", "build_criterion",
+           "class_balanced_weights", "pad_targets", "score_activation", "sigmoid_focal_loss",
+           "sigmoid_focal_loss_with_class_targets"]
+
+
+def score_activation(config: Config) -> str:
+    """How the head's logits become scores: softmax (background logit 0) for softmax_focal."""
+    return "softmax" if config.loss.cls.type == "softmax_focal" else "sigmoid"
 
 
 def build_box_coder(config: Config) -> BoxCoder:
     return BoxCoder(config.model.box_coder.weights, config.model.box_coder.clamp)
 
 
-def build_criterion(config: Config, num_classes: int) -> RetinaNetCriterion:
+def build_criterion(config: Config, num_classes: int,
+                    class_counts: Sequence[int] | None = None) -> RetinaNetCriterion:
+    """`class_counts` (K,): training boxes per class, needed for loss.cls.class_balance_beta."""
     m, loss = config.model.matcher, config.loss
+    class_weights = None
+    if loss.cls.class_balance_beta is not None:
+        if class_counts is None or len(class_counts) != num_classes:
+            raise ValueError("loss.cls.class_balance_beta needs the training set's box count per class")
+        class_weights = class_balanced_weights(torch.as_tensor(class_counts), loss.cls.class_balance_beta)
     return RetinaNetCriterion(
         num_classes=num_classes,
         matcher=Matcher(fg_iou=m.fg_iou, bg_iou=m.bg_iou, allow_low_quality=m.allow_low_quality),
         box_coder=build_box_coder(config),
-        focal_alpha=loss.cls.alpha, focal_gamma=loss.cls.gamma, cls_weight=loss.cls.weight,
+        cls_loss=build_classification_loss(loss.cls), cls_weight=loss.cls.weight,
+        class_weights=class_weights,
         box_loss=loss.box.type, smooth_l1_beta=loss.box.beta, box_weight=loss.box.weight,
         normalizer_momentum=loss.normalizer_momentum)

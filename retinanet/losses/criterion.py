@@ -13,7 +13,7 @@ from torch.nn.utils.rnn import pad_sequence
 
 from ..boxes import BoxCoder, box_areas_valid
 from .box import giou_loss, smooth_l1_loss
-from .focal import sigmoid_focal_loss_with_class_targets
+from .classification import IGNORE_CLASS, ClassificationLoss, FocalLoss, anchor_class_weights
 from .matcher import BACKGROUND, IGNORE, Matcher
 
 
@@ -39,15 +39,18 @@ class RetinaNetCriterion(nn.Module):
     """
 
     def __init__(self, *, num_classes: int, matcher: Matcher, box_coder: BoxCoder,
-                 focal_alpha: Optional[float] = 0.25, focal_gamma: float = 2.0,
-                 cls_weight: float = 1.0, box_loss: str = "smooth_l1", smooth_l1_beta: float = 0.1,
-                 box_weight: float = 1.0, normalizer_momentum: float = 0.0):
+                 cls_loss: Optional[ClassificationLoss] = None, cls_weight: float = 1.0,
+                 class_weights: Optional[Tensor] = None, box_loss: str = "smooth_l1",
+                 smooth_l1_beta: float = 0.1, box_weight: float = 1.0,
+                 normalizer_momentum: float = 0.0):
         super().__init__()
         if box_loss not in ("smooth_l1", "l1", "giou"):
             raise ValueError(f"box loss must be smooth_l1, l1 or giou, got {box_loss!r}")
         self.num_classes = num_classes
         self.matcher, self.box_coder = matcher, box_coder
-        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.cls_loss = cls_loss if cls_loss is not None else FocalLoss()
+        # (K,) class-balanced weights for positives, or None
+        self.register_buffer("class_weights", class_weights, persistent=False)
         self.cls_weight, self.box_weight = cls_weight, box_weight
         self.box_loss, self.smooth_l1_beta = box_loss, smooth_l1_beta
         self.normalizer_momentum = normalizer_momentum
@@ -62,13 +65,14 @@ class RetinaNetCriterion(nn.Module):
         fg_mask = matched_idx >= 0
         num_fg = fg_mask.sum()
 
-        # Integer class per anchor: k for a positive of class k, K for background, skip ignored.
+        # Integer class per anchor: k for a positive of class k, K for background, -1 ignored.
         safe_idx = matched_idx.clamp(min=0)
         classes = torch.gather(labels, 1, safe_idx) if labels.shape[1] else torch.zeros_like(safe_idx)
         classes = torch.where(fg_mask, classes, torch.full_like(classes, self.num_classes))
-        cared = matched_idx != IGNORE
-        loss_cls = sigmoid_focal_loss_with_class_targets(
-            cls_logits[cared], classes[cared], alpha=self.focal_alpha, gamma=self.focal_gamma)
+        classes = classes.masked_fill(matched_idx == IGNORE, IGNORE_CLASS)
+        anchor_weights = None if self.class_weights is None else \
+            anchor_class_weights(classes, self.class_weights)
+        loss_cls = self.cls_loss(cls_logits, classes, anchor_weights)
 
         # Box loss over positives only; with no positive it is an empty sum that is still connected
         # to the graph, so every parameter keeps a gradient (matters under DDP).
@@ -84,7 +88,9 @@ class RetinaNetCriterion(nn.Module):
             loss_box = smooth_l1_loss(pred, target, beta)
 
         normalizer = self._normalizer(num_fg)
-        return {"loss_cls": self.cls_weight * loss_cls / normalizer,
+        if self.cls_loss.normalized_by_num_fg:
+            loss_cls = loss_cls / normalizer
+        return {"loss_cls": self.cls_weight * loss_cls,
                 "loss_box": self.box_weight * loss_box / normalizer,
                 "num_fg": num_fg.detach()}
 

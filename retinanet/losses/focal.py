@@ -13,39 +13,55 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def upcast(tensor: Tensor) -> Tensor:
+    """float16 / bfloat16 -> float32; float32 and float64 stay as they are."""
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+
+
+def binary_focal_terms(logits: Tensor, targets: Tensor | float, alpha: Optional[float],
+                       gamma: float) -> Tensor:
+    """Elementwise -alpha_t (1 - p_t)^gamma log(p_t) for (soft) binary targets in [0, 1].
+
+    With p = sigmoid(x): p_t = t p + (1 - t)(1 - p), alpha_t = t alpha + (1 - t)(1 - alpha), and
+    the cross-entropy -t log p - (1 - t) log(1 - p) = t softplus(-x) + (1 - t) softplus(x), which is
+    finite for any logit. `targets` may be a scalar (broadcast). alpha None (or < 0): no balancing.
+    """
+    logits = upcast(logits)
+    prob = logits.sigmoid()
+    ce = targets * F.softplus(-logits) + (1 - targets) * F.softplus(logits)
+    loss = ce if gamma == 0 else ce * (1 - (targets * prob + (1 - targets) * (1 - prob))).pow(gamma)
+    if alpha is not None and alpha >= 0:
+        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
+    return loss
+
+
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: Optional[float] = 0.25,
                        gamma: float = 2.0, reduction: str = "sum") -> Tensor:
     """torchvision's signature: logits and float targets in [0, 1] of the same shape (..., K)."""
-    logits, targets = logits.float(), targets.float()
-    prob = logits.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = prob * targets + (1 - prob) * (1 - targets)
-    loss = ce * (1 - p_t) ** gamma
-    if alpha is not None and alpha >= 0:
-        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return _reduce(loss, reduction)
+    return _reduce(binary_focal_terms(logits, upcast(targets), alpha, gamma), reduction)
+
+
+def sigmoid_focal_loss_per_anchor(logits: Tensor, classes: Tensor, *, alpha: Optional[float] = 0.25,
+                                  gamma: float = 2.0, label_smoothing: float = 0.0) -> Tensor:
+    """(N, K) logits, (N,) classes in 0..K (K = background) -> (N,) focal loss summed over classes.
+
+    Every entry is scored as a negative (target eps/2); the N_pos entries (row, class) of positives
+    are then corrected by (positive term - negative term), target 1 - eps/2. No one-hot tensor.
+    """
+    num_classes = logits.shape[-1]
+    t_neg, t_pos = label_smoothing / 2, 1 - label_smoothing / 2
+    per_anchor = binary_focal_terms(logits, t_neg, alpha, gamma).sum(dim=-1)
+    rows = torch.nonzero(classes < num_classes, as_tuple=True)[0]
+    pos_logits = logits[rows, classes[rows]]
+    correction = binary_focal_terms(pos_logits, t_pos, alpha, gamma) - \
+        binary_focal_terms(pos_logits, t_neg, alpha, gamma)
+    return per_anchor.index_add(0, rows, correction)
 
 
 def sigmoid_focal_loss_with_class_targets(logits: Tensor, classes: Tensor,
                                           alpha: Optional[float] = 0.25, gamma: float = 2.0) -> Tensor:
-    """Summed focal loss from integer class targets, without building a one-hot tensor.
-
-    logits: (N, K); classes: (N,) int, k in 0..K-1 for a positive of class k, K for background.
-    Every entry is first scored as a negative; the N_pos entries (row, class) of positives are then
-    corrected by (positive term - negative term).
-    """
-    logits = logits.float()
-    num_classes = logits.shape[-1]
-    alpha_pos = 1.0 if alpha is None or alpha < 0 else alpha
-    alpha_neg = 1.0 if alpha is None or alpha < 0 else 1.0 - alpha
-    # Negative term: -(1 - alpha) * p^gamma * log(1 - p), with log(1 - p) = logsigmoid(-x).
-    neg = -alpha_neg * logits.sigmoid().pow(gamma) * F.logsigmoid(-logits)
-    total = neg.sum()
-    rows = torch.nonzero(classes < num_classes, as_tuple=True)[0]
-    pos_logits = logits[rows, classes[rows]]
-    pos = -alpha_pos * (1 - pos_logits.sigmoid()).pow(gamma) * F.logsigmoid(pos_logits)
-    pos_as_neg = -alpha_neg * pos_logits.sigmoid().pow(gamma) * F.logsigmoid(-pos_logits)
-    return total + (pos - pos_as_neg).sum()
+    """Summed focal loss from integer class targets (N,) in 0..K, K = background."""
+    return sigmoid_focal_loss_per_anchor(logits, classes, alpha=alpha, gamma=gamma).sum()
 
 
 def _reduce(loss: Tensor, reduction: str) -> Tensor:

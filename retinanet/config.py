@@ -110,7 +110,7 @@ class ClsLossConfig:
     alpha: Optional[float] = 0.25  # focal, bce, softmax_focal; None: no positive/negative balancing
     gamma: float = 2.0  # focal, softmax_focal
     label_smoothing: float = 0.0  # focal, bce (towards 0.5), softmax_focal (towards 1/(K+1))
-    ghm_bins: int = 10
+    ghm_bins: int = 30  # the GHM paper's setting (with momentum 0.75)
     ghm_momentum: float = 0.75
     ohem_neg_pos_ratio: float = 3.0  # hard negatives kept per positive, per image
     ohem_min_negatives: int = 16  # per image, so images without boxes still teach background

@@ -25,7 +25,7 @@ from retinanet.engine.trainer import Trainer  # noqa: E402
 VARIANTS = {
     "focal": ([], "sigmoid focal, alpha 0.25, gamma 2 (default)"),
     "bce": (["loss.cls.type=bce", "loss.cls.alpha=0.75"], "alpha-balanced BCE (gamma 0), alpha 0.75"),
-    "ghm": (["loss.cls.type=ghm"], "GHM-C, 10 bins, momentum 0.75"),
+    "ghm": (["loss.cls.type=ghm"], "GHM-C, 30 bins, momentum 0.75"),
     "focal_ls": (["loss.cls.label_smoothing=0.1"], "focal + label smoothing 0.1"),
     "ohem": (["loss.cls.type=ohem"], "OHEM on BCE, 3 negatives per positive"),
     "softmax_focal": (["loss.cls.type=softmax_focal"], "softmax focal over K+1, alpha 0.25, gamma 2"),

@@ -76,7 +76,7 @@ class GHMLoss(ClassificationLoss):
 
     normalized_by_num_fg = False
 
-    def __init__(self, *, bins: int = 10, momentum: float = 0.75):
+    def __init__(self, *, bins: int = 30, momentum: float = 0.75):
         super().__init__()
         if bins < 1 or not 0 <= momentum < 1:
             raise ValueError(f"GHM needs bins >= 1 and 0 <= momentum < 1, got {bins}, {momentum}")
@@ -110,6 +110,8 @@ class OHEMLoss(ClassificationLoss):
     `neg_pos_ratio` x #positives background anchors with the highest loss (at least
     `min_negatives`, so images without boxes still teach background). Use it as the classic
     sampling alternative to focal loss's soft re-weighting; it ignores easy negatives entirely.
+    Unlike the OHEM of the focal-loss paper it applies no NMS before mining, so the hardest
+    negatives are often near-duplicates of positives (see the README's loss comparison).
     """
 
     def __init__(self, *, neg_pos_ratio: float = 3.0, min_negatives: int = 16):

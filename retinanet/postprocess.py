@@ -39,11 +39,16 @@ class PostProcessor:
         all_boxes, all_scores, all_labels, all_images = [], [], [], []
         start = 0
         for count in num_anchors_per_level:
-            probs = self._scores(cls_logits[:, start:start + count]).reshape(batch, -1)  # (B, A_l*K)
+            logits = cls_logits[:, start:start + count].float()
+            # Sigmoid is monotonic: rank raw logits and convert only the k kept. Softmax scores
+            # depend on the anchor's other logits, so they are computed before ranking.
+            ranking = (logits if self.activation == "sigmoid" else self._softmax_scores(logits))
+            ranking = ranking.reshape(batch, -1)  # (B, A_l * K)
             # top-k over everything then the threshold selects the same set as the threshold
             # then top-k (the published order), with one batched top-k call for all images.
-            k = min(self.topk_candidates, probs.shape[1])
-            scores, flat_idx = probs.topk(k, dim=1)  # (B, k)
+            k = min(self.topk_candidates, ranking.shape[1])
+            top, flat_idx = ranking.topk(k, dim=1)  # (B, k)
+            scores = top.sigmoid() if self.activation == "sigmoid" else top
             keep = scores > self.score_thresh
             image_idx = torch.arange(batch, device=device)[:, None].expand(batch, k)[keep]
             flat_idx = flat_idx[keep]
@@ -71,12 +76,10 @@ class PostProcessor:
                 zip(boxes.split(counts), scores.split(counts), labels.split(counts))]
 
 
-    def _scores(self, logits: Tensor) -> Tensor:
-        """(B, A_l, K) logits -> (B, A_l, K) float32 class probabilities."""
-        logits = logits.float()
-        if self.activation == "sigmoid":
-            return logits.sigmoid()
-        # softmax over K + 1 with the background logit fixed at 0 (see SoftmaxFocalLoss)
+    @staticmethod
+    def _softmax_scores(logits: Tensor) -> Tensor:
+        """(B, A_l, K) logits -> (B, A_l, K) probabilities of a softmax over K + 1 classes with
+        the background logit fixed at 0 (see SoftmaxFocalLoss)."""
         background = logits.new_zeros(*logits.shape[:-1], 1)
         return torch.cat([logits, background], dim=-1).softmax(dim=-1)[..., :-1]
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .config import Config, load_config
-from .data import Batch, Collate, DetectionTransform, build_transform, load_coco
+from .data import Batch, Collate, DetectionTransform, build_transform, categories, load_coco
 from .losses import build_box_coder
 from .model import RetinaNet, build_model, use_fast_memory_format
 from .postprocess import PostProcessor, build_postprocessor
@@ -109,7 +109,6 @@ def _to_hwc(image: np.ndarray | Tensor, index: int) -> np.ndarray:
 def _categories(cfg: Config) -> tuple[list[str] | None, dict[int, int] | None]:
     for split in (cfg.data.val, cfg.data.train):
         if split.annotations and Path(split.annotations).is_file():
-            coco = load_coco(split.annotations)
-            cat_ids = sorted(coco.getCatIds())
-            return [coco.cats[c]["name"] for c in cat_ids], dict(enumerate(cat_ids))
+            cat_ids, names = categories(load_coco(split.annotations))
+            return names, dict(enumerate(cat_ids))
     return None, None

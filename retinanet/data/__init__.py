@@ -1,11 +1,11 @@
 """Data package: COCO datasets, albumentations pipelines, batching."""
 from __future__ import annotations
 
-from .coco import CocoDetection, load_coco
+from .coco import CocoDetection, categories, load_coco
 from .loader import Batch, Collate, build_test_loader, build_train_loader, pad_images
 from .transforms import DetectionTransform, build_transform
 
-__all__ = ["Batch", "CocoDetection", "Collate", "DetectionTransform", "build_dataset",
+__all__ = ["Batch", "CocoDetection", "Collate", "categories", "DetectionTransform", "build_dataset",
            "build_test_loader", "build_train_loader", "build_transform", "load_coco", "pad_images"]
 
 

@@ -33,6 +33,13 @@ def load_coco(annotations: str | Path) -> COCO:
         raise ValueError(f"{path}: not a COCO instances json ({type(error).__name__}: {error})") from None
 
 
+def categories(coco: COCO) -> tuple[list[int], list[str]]:
+    """The dataset's category ids, sorted, and their names. Contiguous label k is the k-th id:
+    every place that maps labels to ids and back uses this one order."""
+    cat_ids = sorted(coco.getCatIds())
+    return cat_ids, [coco.cats[c]["name"] for c in cat_ids]
+
+
 class CocoDetection(Dataset):
     """__getitem__(i) -> dict(image (H, W, 3) uint8 RGB, boxes (n, 4) float32 xyxy, labels (n,) int64,
     image_id int, orig_size (h, w)), passed through `transform` when one is given.
@@ -50,11 +57,10 @@ class CocoDetection(Dataset):
                                     f"(for annotations {self.annotations_file})")
         self.coco = load_coco(self.annotations_file)
         self.transform = transform
-        self.cat_ids = sorted(self.coco.getCatIds())
+        self.cat_ids, self.class_names = categories(self.coco)
         if not self.cat_ids:
             raise ValueError(f"{self.annotations_file}: no categories; a detection dataset needs "
                              "a non-empty 'categories' list")
-        self.class_names = [self.coco.cats[c]["name"] for c in self.cat_ids]
         self.cat_id_to_label = {c: i for i, c in enumerate(self.cat_ids)}
         self.label_to_cat_id = dict(enumerate(self.cat_ids))
         self.image_ids = sorted(self.coco.getImgIds())

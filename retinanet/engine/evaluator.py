@@ -14,6 +14,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert
 
+from ..data.coco import categories
+
 logger = logging.getLogger(__name__)
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
@@ -38,7 +40,7 @@ def coco_evaluate(coco_gt: COCO, results: list[dict], *, max_dets: int = 100,
     maxDets for AP is `max_dets` (AR is reported at 1, 10 and max_dets). Zero detections are a valid
     result: every metric is 0 (pycocotools' loadRes cannot take an empty list).
     """
-    class_names = {c: coco_gt.cats[c]["name"] for c in sorted(coco_gt.getCatIds())}
+    class_names = dict(zip(*categories(coco_gt)))
     if not results:
         return {"metrics": {name: 0.0 for name in METRIC_NAMES},
                 "per_class": {name: 0.0 for name in class_names.values()}, "summary": ""}

@@ -64,6 +64,13 @@ class AnchorConfig:
     offset: float = 0.0
     # Round base anchors to integer coordinates (torchvision does).
     round_base: bool = False
+    # Explicit anchor sizes per level, replacing sizes x octave_scales: torchvision truncates the
+    # octave sizes to integers, [[32, 40, 50], [64, 80, 101], ...]. None: sizes x octave_scales.
+    level_sizes: Optional[list[list[float]]] = None
+    # torchvision computes each level's stride as padded image size // grid size (per axis), which
+    # differs from 8..128 when the padding is not a multiple of 128 (e.g. stride 61 for P6 of an
+    # 800-px input). Only for reproducing torchvision-trained weights exactly.
+    torchvision_strides: bool = False
 
 
 @dataclass
@@ -99,6 +106,13 @@ class ModelConfig:
     matcher: MatcherConfig = field(default_factory=MatcherConfig)
     box_coder: BoxCoderConfig = field(default_factory=BoxCoderConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    # Memory layout: None = channels_last on CPU (faster there), contiguous on CUDA; false =
+    # contiguous everywhere, torchvision's layout (needed for bit-identical torchvision outputs).
+    channels_last: Optional[bool] = None
+    # Initial weights of the whole model for fine-tuning (a checkpoint of ours, or one converted by
+    # tools/convert_torchvision.py). Parameters whose shape differs (the classifier, when the class
+    # count changes) keep their fresh initialisation, and are listed in the log.
+    weights: Optional[str] = None
 
 
 @dataclass
@@ -168,6 +182,10 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     # Batches are padded to a multiple of this (128 keeps the P7 grid aligned with its stride).
     size_divisibility: int = 128
+    # How labels relate to the json's category ids. contiguous: label k is the k-th category id
+    # in sorted order (K outputs). category_id: label k is category id k (max id + 1 outputs, the
+    # unused ones named "N/A"), the convention of torchvision's COCO models (91 outputs).
+    label_map: Literal["contiguous", "category_id"] = "contiguous"
     num_workers: int = 2
 
 
@@ -281,6 +299,12 @@ def validate(config: Config) -> None:
           f"must be the strides of P3..P7, [8, 16, 32, 64, 128], got {m.anchors.strides}")
     check(len(m.anchors.sizes) == n_levels, "model.anchors.sizes",
           f"need one size per level ({n_levels}), got {len(m.anchors.sizes)}")
+    level_sizes = m.anchors.level_sizes
+    check(level_sizes is None or (len(level_sizes) == n_levels
+                                  and len({len(s) for s in level_sizes}) == 1
+                                  and all(v > 0 for s in level_sizes for v in s)),
+          "model.anchors.level_sizes",
+          f"need {n_levels} lists of the same number of positive sizes, got {level_sizes}")
     check(len(m.box_coder.weights) == 4, "model.box_coder.weights", "need 4 weights")
     check(t.optimizer.lr > 0, "train.optimizer.lr", f"must be positive, got {t.optimizer.lr}")
     check(t.batch_size > 0, "train.batch_size", "must be positive")

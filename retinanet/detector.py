@@ -7,14 +7,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from .config import Config, load_config
-from .data import Batch, Collate, DetectionTransform, build_transform, categories, load_coco
+from .data import Batch, Collate, build_transform, label_mapping, load_coco
 from .losses import build_box_coder
 from .model import RetinaNet, build_model, use_fast_memory_format
 from .postprocess import PostProcessor, build_postprocessor
@@ -23,23 +23,27 @@ from .postprocess import PostProcessor, build_postprocessor
 class Detector:
     """A RetinaNet with its test-time preprocessing and postprocessing, on one device."""
 
-    def __init__(self, model: RetinaNet, *, transform: DetectionTransform, postprocessor: PostProcessor,
+    def __init__(self, model: RetinaNet, *, transform: Callable[[dict], dict], postprocessor: PostProcessor,
                  size_divisibility: int, class_names: Sequence[str] | None = None,
-                 label_to_cat_id: dict[int, int] | None = None, device: str | torch.device = "cpu"):
+                 label_to_cat_id: dict[int, int] | None = None, device: str | torch.device = "cpu",
+                 channels_last: bool | None = None):
         self.device = torch.device(device)
-        self.model = use_fast_memory_format(model, self.device)
+        self.model = use_fast_memory_format(model, self.device, channels_last)
         self.transform, self.postprocessor = transform, postprocessor
         self.collate = Collate(size_divisibility)
         num_classes = model.num_classes
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
         self.label_to_cat_id = label_to_cat_id or {i: i + 1 for i in range(num_classes)}
+        # label -> category id, -1 for labels that are no category (torchvision's "N/A" outputs)
+        self._cat_id_lookup = torch.tensor([self.label_to_cat_id.get(i, -1) for i in range(num_classes)])
 
     @classmethod
     def from_config(cls, config: str | Path | Config, weights: str | Path | None = None,
                     overrides: Sequence[str] = (), device: str | None = None) -> "Detector":
         """Builds the model of `config` (a path or a Config) and loads `weights` (a trainer
-        checkpoint or a bare state dict). Class names and category ids come from the config's
-        validation (else training) annotations when that file exists."""
+        checkpoint or a bare state dict; default: the config's model.weights). Class names and
+        category ids come from the config's validation (else training) annotations when that
+        file exists."""
         from .engine.checkpoint import load_model_weights
 
         cfg = config if isinstance(config, Config) else load_config(config, overrides)
@@ -51,6 +55,9 @@ class Detector:
         if class_names and len(class_names) != num_classes:
             raise ValueError(f"model.num_classes is {num_classes} but the dataset has "
                              f"{len(class_names)} categories")
+        if label_to_cat_id is None and cfg.data.label_map == "category_id":
+            label_to_cat_id = {i: i for i in range(num_classes)}  # no json to tell which are "N/A"
+        weights = weights or cfg.model.weights
         model = build_model(cfg.model, num_classes, load_backbone_weights=weights is None)
         if weights is not None:
             load_model_weights(model, weights)
@@ -59,7 +66,7 @@ class Detector:
         return cls(model.to(device).eval(), transform=build_transform(cfg.data, train=False),
                    postprocessor=build_postprocessor(cfg, build_box_coder(cfg)),
                    size_divisibility=cfg.data.size_divisibility, class_names=class_names,
-                   label_to_cat_id=label_to_cat_id, device=device)
+                   label_to_cat_id=label_to_cat_id, device=device, channels_last=cfg.model.channels_last)
 
     @torch.no_grad()
     def predict_batch(self, batch: Batch) -> list[dict[str, Tensor]]:
@@ -74,18 +81,16 @@ class Detector:
             self.model.train(was_training)
 
     def predict(self, images: Sequence[np.ndarray | Tensor]) -> list[dict[str, Tensor]]:
-        """images: RGB uint8 (H, W, 3) numpy arrays, or float (3, H, W) tensors in [0, 1].
-        Returns per image {"boxes" (N, 4) xyxy in that image's pixels, "scores" (N,),
-        "labels" (N,) in 0..K-1, "category_ids" (N,)}, on the CPU."""
-        samples = [self.transform({"image": _to_hwc(img, i), "boxes": np.zeros((0, 4), np.float32),
-                                   "labels": np.zeros(0, np.int64), "image_id": i,
-                                   "orig_size": _hw(img)}) for i, img in enumerate(images)]
+        """images: RGB uint8 (H, W, 3) numpy arrays, or float (3, H, W) tensors in [0, 1] (the input
+        of torchvision's detection models). Returns per image {"boxes" (N, 4) xyxy in that image's
+        pixels, "scores" (N,), "labels" (N,) in 0..K-1, "category_ids" (N,)}, on the CPU."""
+        samples = [self.transform({"image": _check_image(img, i), "image_id": i, "orig_size": _hw(img)})
+                   for i, img in enumerate(images)]
         if not samples:
             return []
         outputs = self.predict_batch(self.collate(samples))
-        lookup = torch.tensor([self.label_to_cat_id[i] for i in range(len(self.label_to_cat_id))])
         return [{"boxes": o["boxes"].cpu(), "scores": o["scores"].cpu(), "labels": o["labels"].cpu(),
-                 "category_ids": lookup[o["labels"].cpu()]} for o in outputs]
+                 "category_ids": self._cat_id_lookup[o["labels"].cpu()]} for o in outputs]
 
 
 def _hw(image: np.ndarray | Tensor) -> tuple[int, int]:
@@ -93,13 +98,12 @@ def _hw(image: np.ndarray | Tensor) -> tuple[int, int]:
         (int(image.shape[0]), int(image.shape[1]))
 
 
-def _to_hwc(image: np.ndarray | Tensor, index: int) -> np.ndarray:
+def _check_image(image: np.ndarray | Tensor, index: int) -> np.ndarray | Tensor:
     if isinstance(image, Tensor):
         if image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
             raise ValueError(f"image {index}: tensors must be float (3, H, W) in [0, 1], got "
                              f"{image.dtype} {tuple(image.shape)}")
-        # float32 in [0, 255] rather than uint8: no quantisation of float input
-        return np.ascontiguousarray((image.detach().cpu().float() * 255).permute(1, 2, 0).numpy())
+        return image.detach().cpu()
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"image {index}: arrays must be RGB uint8 (H, W, 3), got "
                          f"{getattr(image, 'dtype', type(image))} {getattr(image, 'shape', '')}")
@@ -109,6 +113,6 @@ def _to_hwc(image: np.ndarray | Tensor, index: int) -> np.ndarray:
 def _categories(cfg: Config) -> tuple[list[str] | None, dict[int, int] | None]:
     for split in (cfg.data.val, cfg.data.train):
         if split.annotations and Path(split.annotations).is_file():
-            cat_ids, names = categories(load_coco(split.annotations))
-            return names, dict(enumerate(cat_ids))
+            label_to_cat_id, names = label_mapping(load_coco(split.annotations), cfg.data.label_map)
+            return names, label_to_cat_id
     return None, None

@@ -40,6 +40,23 @@ def categories(coco: COCO) -> tuple[list[int], list[str]]:
     return cat_ids, [coco.cats[c]["name"] for c in cat_ids]
 
 
+def label_mapping(coco: COCO, mode: str = "contiguous") -> tuple[dict[int, int], list[str]]:
+    """(label -> category id, class name per label) for `data.label_map` mode:
+    contiguous: label k is the k-th sorted category id (K labels);
+    category_id: label k is category id k (max id + 1 labels, those without a category "N/A"),
+    torchvision's convention for its COCO models (91 outputs)."""
+    cat_ids, names = categories(coco)
+    if mode == "contiguous":
+        return dict(enumerate(cat_ids)), names
+    if mode != "category_id":
+        raise ValueError(f"label map must be 'contiguous' or 'category_id', got {mode!r}")
+    if cat_ids and min(cat_ids) < 0:
+        raise ValueError(f"label_map category_id needs non-negative category ids, got {min(cat_ids)}")
+    by_id = dict(zip(cat_ids, names))
+    num_labels = max(cat_ids) + 1 if cat_ids else 0
+    return {c: c for c in cat_ids}, [by_id.get(k, "N/A") for k in range(num_labels)]
+
+
 class CocoDetection(Dataset):
     """__getitem__(i) -> dict(image (H, W, 3) uint8 RGB, boxes (n, 4) float32 xyxy, labels (n,) int64,
     image_id int, orig_size (h, w)), passed through `transform` when one is given.
@@ -49,7 +66,7 @@ class CocoDetection(Dataset):
     """
 
     def __init__(self, images_dir: str | Path, annotations: str | Path,
-                 transform: Optional[Callable[[dict], dict]] = None):
+                 transform: Optional[Callable[[dict], dict]] = None, label_map: str = "contiguous"):
         self.images_dir = Path(images_dir)
         self.annotations_file = Path(annotations)
         if not self.images_dir.is_dir():
@@ -57,19 +74,19 @@ class CocoDetection(Dataset):
                                     f"(for annotations {self.annotations_file})")
         self.coco = load_coco(self.annotations_file)
         self.transform = transform
-        self.cat_ids, self.class_names = categories(self.coco)
+        self.cat_ids = categories(self.coco)[0]
         if not self.cat_ids:
             raise ValueError(f"{self.annotations_file}: no categories; a detection dataset needs "
                              "a non-empty 'categories' list")
-        self.cat_id_to_label = {c: i for i, c in enumerate(self.cat_ids)}
-        self.label_to_cat_id = dict(enumerate(self.cat_ids))
+        self.label_to_cat_id, self.class_names = label_mapping(self.coco, label_map)
+        self.cat_id_to_label = {c: label for label, c in self.label_to_cat_id.items()}
         self.image_ids = sorted(self.coco.getImgIds())
         self._dropped: list[int] = []  # ids of degenerate annotations left out
         self._targets = {i: self._load_targets(i) for i in self.image_ids}
 
     @property
     def num_classes(self) -> int:
-        return len(self.cat_ids)
+        return len(self.class_names)
 
     def _load_targets(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
         info = self.coco.imgs[image_id]

@@ -1,7 +1,11 @@
-"""Albumentations pipelines for training and evaluation.
+"""Image and box transforms: an albumentations pipeline for training, torchvision's
+preprocessing for evaluation and inference.
 
-Boxes travel as pascal_voc (xyxy pixels) with their labels in `label_fields`, clipped to the image,
-and boxes that become empty are dropped together with their labels.
+Training boxes travel as pascal_voc (xyxy pixels) with their labels in `label_fields`, clipped to
+the image, and boxes that become empty are dropped together with their labels. Test-time
+preprocessing is torch's bilinear resize of the normalised image, exactly as torchvision's
+GeneralizedRCNNTransform does it, so that torchvision-trained weights give torchvision's
+detections (and it runs on tensors as well as on decoded files).
 """
 from __future__ import annotations
 
@@ -15,6 +19,8 @@ from albumentations.augmentations.geometric.resize import MaxSizeTransform  # no
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import Tensor  # noqa: E402
 
 
 class ResizeShortestEdge(MaxSizeTransform):
@@ -93,11 +99,45 @@ class DetectionTransform:
                 "image_size": (image.shape[1], image.shape[2])}
 
 
-def build_transform(data_cfg, *, train: bool) -> DetectionTransform:
+class EvalTransform:
+    """Test-time preprocessing on a sample whose image is RGB uint8 (H, W, 3) numpy or float
+    (3, H, W) in [0, 1] torch: normalise with mean/std, then scale by
+    min(min_size / shorter side, max_size / longer side) with torch's bilinear interpolation
+    (align_corners False, output size floor(size * scale)), as torchvision does. Boxes, if any,
+    are scaled to the resized image. Output sample: as `DetectionTransform`'s.
+    """
+
+    def __init__(self, *, min_size: int, max_size: int, mean: Sequence[float], std: Sequence[float]):
+        self.min_size, self.max_size = int(min_size), int(max_size)
+        self.mean = torch.tensor(list(mean), dtype=torch.float32)[:, None, None]
+        self.std = torch.tensor(list(std), dtype=torch.float32)[:, None, None]
+
+    def set_seed(self, seed: int) -> None:
+        """Nothing random happens at test time."""
+
+    def __call__(self, sample: dict) -> dict:
+        image = sample["image"]
+        if isinstance(image, np.ndarray):
+            image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255
+        image = (image.float() - self.mean.to(image.device)) / self.std.to(image.device)
+        height, width = image.shape[-2:]
+        scale = min(self.min_size / min(height, width), self.max_size / max(height, width))
+        if scale != 1.0:
+            image = F.interpolate(image[None], scale_factor=scale, mode="bilinear",
+                                  recompute_scale_factor=True, align_corners=False)[0]
+        new_h, new_w = image.shape[-2:]
+        boxes = torch.as_tensor(np.asarray(sample.get("boxes", np.zeros((0, 4))), np.float32)).reshape(-1, 4)
+        boxes = boxes * torch.tensor([new_w / width, new_h / height] * 2, dtype=torch.float32)
+        labels = torch.as_tensor(np.asarray(sample.get("labels", np.zeros(0)), np.int64)).reshape(-1)
+        return {"image": image, "boxes": boxes, "labels": labels, "image_id": sample["image_id"],
+                "orig_size": tuple(sample["orig_size"]), "image_size": (int(new_h), int(new_w))}
+
+
+def build_transform(data_cfg, *, train: bool) -> DetectionTransform | EvalTransform:
     if train:
         jitter = data_cfg.color_jitter
         return DetectionTransform(min_sizes=data_cfg.min_size, max_size=data_cfg.max_size,
                                   mean=data_cfg.mean, std=data_cfg.std, hflip_prob=data_cfg.hflip_prob,
                                   color_jitter=vars(jitter) if jitter.prob > 0 else None)
-    return DetectionTransform(min_sizes=[data_cfg.test_min_size], max_size=data_cfg.test_max_size,
-                              mean=data_cfg.mean, std=data_cfg.std)
+    return EvalTransform(min_size=data_cfg.test_min_size, max_size=data_cfg.test_max_size,
+                         mean=data_cfg.mean, std=data_cfg.std)

@@ -48,18 +48,36 @@ def load_checkpoint(path: str | Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def load_model_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Loads a trainer checkpoint ({"model": ...}) or a bare state dict into `model`, strictly."""
+def load_model_weights(model: torch.nn.Module, path: str | Path, *,
+                       skip_mismatched: bool = False) -> list[str]:
+    """Loads a trainer checkpoint ({"model": ...}) or a bare state dict into `model`.
+
+    Every key must exist on both sides. A shape mismatch is an error, or with `skip_mismatched`
+    (fine-tuning to another class count) the parameter keeps its current value and its key is
+    returned, so that the caller can say what was re-initialised.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights not found: {path}")
     state = torch.load(path, map_location="cpu", weights_only=False)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
-    result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{path}: weights do not fit this model: missing {result.missing_keys[:5]}, "
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a state dict or a checkpoint holding 'model'")
+    own = model.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
+    if mismatched and not skip_mismatched:
+        key = mismatched[0]
+        raise ValueError(f"{path}: {key} has shape {tuple(state[key].shape)}, the model has "
+                         f"{tuple(own[key].shape)} (check model.* in the config, e.g. num_classes)")
+    result = model.load_state_dict({k: v for k, v in state.items() if k not in mismatched}, strict=False)
+    # BatchNorm's step counters are absent from FrozenBN checkpoints and unused in eval
+    missing = [k for k in result.missing_keys
+               if k not in mismatched and not k.endswith("num_batches_tracked")]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{path}: weights do not fit this model: missing {missing[:5]}, "
                          f"unexpected {result.unexpected_keys[:5]} (check model.* in the config)")
+    return mismatched
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:

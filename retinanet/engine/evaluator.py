@@ -24,13 +24,15 @@ METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
 
 def to_coco_results(image_id: int, detections: dict, label_to_cat_id: dict[int, int]) -> list[dict]:
     """One image's {"boxes" (N, 4) xyxy in original pixels, "scores", "labels"} -> COCO result dicts
-    with xywh boxes, the dataset's own (sparse) category ids and its image id."""
+    with xywh boxes, the dataset's own (sparse) category ids and its image id. Labels that are no
+    category of the dataset (torchvision's "N/A" outputs under data.label_map category_id) cannot
+    be scored and are left out; `Evaluator` counts them."""
     boxes = box_convert(detections["boxes"].float().cpu(), "xyxy", "xywh").tolist()
     scores = detections["scores"].float().cpu().tolist()
     labels = detections["labels"].cpu().tolist()
     return [{"image_id": int(image_id), "category_id": int(label_to_cat_id[lab]),
              "bbox": [round(v, 2) for v in box], "score": round(score, 5)}
-            for box, score, lab in zip(boxes, scores, labels)]
+            for box, score, lab in zip(boxes, scores, labels) if lab in label_to_cat_id]
 
 
 def coco_evaluate(coco_gt: COCO, results: list[dict], *, max_dets: int = 100,
@@ -114,10 +116,15 @@ class Evaluator:
     def __call__(self, predict: Callable, *, log: Callable[[str], None] = print) -> dict:
         results: list[dict] = []
         predictions: dict[int, dict] = {}
+        num_detections = 0
         for batch in self.loader:
             for image_id, detections in zip(batch.image_ids, predict(batch)):
                 results += to_coco_results(image_id, detections, self.dataset.label_to_cat_id)
+                num_detections += len(detections["labels"])
                 predictions[image_id] = {k: v.cpu() for k, v in detections.items()}
+        if num_detections > len(results):
+            log(f"{num_detections - len(results)} of {num_detections} detections have a label that "
+                "is no category of the dataset (\"N/A\" outputs) and are not scored")
         result = coco_evaluate(self.dataset.coco, results, max_dets=self.max_dets,
                                image_ids=self.dataset.image_ids)
         if self.output_dir:

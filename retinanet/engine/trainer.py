@@ -22,7 +22,8 @@ from ..model import build_model, use_fast_memory_format
 from ..postprocess import build_postprocessor
 from ..data.transforms import build_transform
 from ..visualize import save_detections
-from .checkpoint import atomic_save, latest_checkpoint, load_checkpoint, rng_state, set_rng_state
+from .checkpoint import (atomic_save, latest_checkpoint, load_checkpoint, load_model_weights, rng_state,
+                         set_rng_state)
 from .evaluator import METRIC_NAMES, Evaluator
 
 logger = logging.getLogger(__name__)
@@ -96,12 +97,18 @@ class Trainer:
         save_config(config, self.output_dir / "config.yaml")
 
         backbone = config.model.backbone
-        if backbone.norm == "frozen_bn" and not backbone.weights and not resume:
+        init_weights = config.model.weights if not resume else None
+        if backbone.norm == "frozen_bn" and not backbone.weights and not init_weights and not resume:
             logger.warning("model.backbone.norm is frozen_bn but model.backbone.weights is not set: "
                            "the backbone's normalisation stays at its random initialisation "
                            "(set the weights path, or use norm: bn to train from scratch)")
-        self.model = use_fast_memory_format(build_model(config.model, num_classes).to(self.device),
-                                            self.device)
+        model = build_model(config.model, num_classes, load_backbone_weights=not init_weights)
+        if init_weights:
+            skipped = load_model_weights(model, init_weights, skip_mismatched=True)
+            self.log(f"initialised from {init_weights}" + (
+                f"; re-initialised (shape differs): {', '.join(skipped)}" if skipped else ""))
+        self.model = use_fast_memory_format(model.to(self.device), self.device,
+                                            config.model.channels_last)
         self.criterion = build_criterion(config, num_classes,
                                          self.train_set.class_counts()).to(self.device)
         self.optimizer = build_optimizer(config, self.model)
@@ -126,7 +133,8 @@ class Trainer:
                                  postprocessor=build_postprocessor(config, build_box_coder(config)),
                                  size_divisibility=config.data.size_divisibility,
                                  class_names=self.train_set.class_names,
-                                 label_to_cat_id=self.train_set.label_to_cat_id, device=self.device)
+                                 label_to_cat_id=self.train_set.label_to_cat_id, device=self.device,
+                                 channels_last=config.model.channels_last)
         from torch.utils.tensorboard import SummaryWriter
         self.writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
 

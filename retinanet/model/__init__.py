@@ -20,7 +20,9 @@ def build_model(cfg: ModelConfig, num_classes: int, *, load_backbone_weights: bo
         backbone.load_torchvision_weights(cfg.backbone.weights)
     anchors = AnchorGenerator(sizes=cfg.anchors.sizes, octave_scales=cfg.anchors.octave_scales,
                               aspect_ratios=cfg.anchors.aspect_ratios, strides=cfg.anchors.strides,
-                              offset=cfg.anchors.offset, round_base=cfg.anchors.round_base)
+                              offset=cfg.anchors.offset, round_base=cfg.anchors.round_base,
+                              level_sizes=cfg.anchors.level_sizes,
+                              stride_from_image=cfg.anchors.torchvision_strides)
     fpn = FPN(in_channels=backbone.out_channels, channels=cfg.fpn.channels, p6_from=cfg.fpn.p6_from)
     head = RetinaHead(channels=cfg.fpn.channels, num_anchors=anchors.num_anchors,
                       num_classes=num_classes, num_convs=cfg.head.num_convs, norm=cfg.head.norm,

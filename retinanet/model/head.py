@@ -10,7 +10,8 @@ from torch import Tensor, nn
 def _subnet(channels: int, num_convs: int, norm: str, gn_groups: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     for _ in range(num_convs):
-        layers.append(nn.Conv2d(channels, channels, 3, padding=1))
+        # No bias before GroupNorm: it would be removed by the normalisation (torchvision v2 too).
+        layers.append(nn.Conv2d(channels, channels, 3, padding=1, bias=norm != "gn"))
         if norm == "gn":
             layers.append(nn.GroupNorm(gn_groups, channels))
         layers.append(nn.ReLU(inplace=True))
@@ -40,7 +41,8 @@ class RetinaHead(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.normal_(module.weight, std=0.01)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         nn.init.constant_(self.cls_score.bias, -math.log((1 - prior_prob) / prior_prob))
 
     def forward(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:

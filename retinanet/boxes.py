@@ -11,6 +11,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+# Boxes with a side under this many pixels are degenerate and dropped with a counted warning:
+# COCO json has 2 decimals, and albumentations' normalised coordinates collapse to zero width
+# for sides near float32 precision.
+MIN_BOX_SIDE = 1e-2
+
 
 class BoxCoder:
     """Encodes boxes as (dx, dy, dw, dh) deltas relative to anchors and back (R-CNN parametrisation).

@@ -23,3 +23,6 @@ def run_cli(main: Callable[[], int | None]) -> None:
     except (ConfigError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as error:  # training diverged (see Trainer.step): said, not traced
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)

@@ -182,6 +182,9 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     # Batches are padded to a multiple of this (128 keeps the P7 grid aligned with its stride).
     size_divisibility: int = 128
+    # An image file that cannot be read is an error naming it; true: it is skipped and counted
+    # (missing files are left out when training starts, unreadable ones replaced when met).
+    skip_bad_images: bool = False
     # How labels relate to the json's category ids. contiguous: label k is the k-th category id
     # in sorted order (K outputs). category_id: label k is category id k (max id + 1 outputs, the
     # unused ones named "N/A"), the convention of torchvision's COCO models (91 outputs).
@@ -222,7 +225,14 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     log_period: int = 20
     checkpoint_period: int = 5000
+    keep_checkpoints: int = 3  # periodic checkpoints kept (the newest); model_final.pth always stays
     eval_period: int = 0  # 0: evaluate only at the end
+    # A step whose loss or gradient is not finite is skipped (weights and BatchNorm statistics
+    # untouched) and logged with the batch's image ids; this many in a row stop training.
+    max_bad_steps: int = 5
+    # Deterministic algorithms (torch.use_deterministic_algorithms, no cuDNN autotuning): with
+    # the same seed and thread count, runs and resumed runs give bit-identical weights.
+    deterministic: bool = False
 
 
 @dataclass
@@ -309,6 +319,9 @@ def validate(config: Config) -> None:
     check(t.optimizer.lr > 0, "train.optimizer.lr", f"must be positive, got {t.optimizer.lr}")
     check(t.batch_size > 0, "train.batch_size", "must be positive")
     check(t.max_iter > 0, "train.max_iter", "must be positive")
+    check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+    check(t.checkpoint_period >= 0, "train.checkpoint_period", "must be >= 0 (0: only the final one)")
     check(config.loss.box.beta >= 0, "loss.box.beta", "must be >= 0")
     cls = config.loss.cls
     check(0 <= cls.label_smoothing < 1, "loss.cls.label_smoothing", "must be in [0, 1)")

@@ -108,7 +108,7 @@ def test_transform_clips_round_off_and_rejects_boxes_outside():
               "image_id": 9, "orig_size": (100, 100)}
     out = t({**sample, "boxes": np.array([[10, 10, 50, 40], [90, 20, 100.00001, 30]], np.float32)})
     assert out["boxes"][1, 2] == 100 and out["labels"].tolist() == [1, 2]
-    with pytest.raises(ValueError, match=r"image 9: box .* has no area inside the 100x100 image"):
+    with pytest.raises(ValueError, match=r"image 9: box .* is under 0.01 px wide or high inside the 100x100 image"):
         t({**sample, "boxes": np.array([[10, 10, 50, 40], [100, 20, 110, 30]], np.float32)})
 
 

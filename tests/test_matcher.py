@@ -50,3 +50,13 @@ def test_batch_with_different_box_counts_and_empty_image_equals_per_image():
 def test_all_images_empty():
     result = match([torch.zeros(0, 4), torch.zeros(0, 4)])
     assert result.shape == (2, len(ANCHORS)) and (result == BACKGROUND).all()
+
+
+def test_low_quality_anchor_goes_to_the_box_it_is_best_for():
+    # gt1's best anchor is anchor 2 (IoU 0.28), but anchor 2 overlaps gt0 more (IoU 1/3, still
+    # background for gt0). Matching the low-quality anchor to its own best box (detectron2 /
+    # torchvision) gave it to gt0 and left gt1 with no positive at all; it must go to gt1.
+    gts = torch.tensor([[0.0, 0.0, 10.0, 10.0], [8.0, 0.0, 30.0, 10.0]])
+    result = match([gts])[0]
+    assert result.tolist() == [0, 0, 1, 0, 0, IGNORE, BACKGROUND]
+    assert (result == 1).sum() == 1

@@ -10,10 +10,29 @@ __all__ = ["Batch", "CocoDetection", "Collate", "categories", "DetectionTransfor
            "label_mapping", "load_coco", "pad_images"]
 
 
-def build_dataset(data_cfg, *, train: bool) -> CocoDetection:
+# Problems of check_coco_dataset that loading copes with (see CocoDetection): anything else stops.
+HANDLED_WHEN_LOADING = {"zero_size_box", "non_finite_box"}
+
+
+def build_dataset(data_cfg, *, train: bool, check: bool = False, log=None) -> CocoDetection:
+    """The train or val split of the config. `check` runs `check_coco_dataset` (files checked to
+    exist, not decoded) first: problems loading copes with are logged through `log`; the others
+    (and missing files unless data.skip_bad_images) are a ValueError listing them."""
     split = data_cfg.train if train else data_cfg.val
     key = "data.train" if train else "data.val"
     if not split.images or not split.annotations:
         raise ValueError(f"{key}.images and {key}.annotations must be set in the config")
+    if check:
+        from .checks import check_coco_dataset
+
+        report = check_coco_dataset(split.images, split.annotations, read_images=False)
+        handled = HANDLED_WHEN_LOADING | ({"image_missing"} if data_cfg.skip_bad_images else set())
+        fatal = [issue for issue in report.errors if issue.check not in handled]
+        if fatal:
+            raise ValueError(f"{key}: {split.annotations} cannot be used as it is (full report: "
+                             f"python tools/check_dataset.py --images {split.images} --annotations "
+                             f"{split.annotations}):\n  " + "\n  ".join(str(i) for i in fatal))
+        for issue in report.errors + report.warnings:
+            (log or print)(f"{key}: {issue}")
     return CocoDetection(split.images, split.annotations, transform=build_transform(data_cfg, train=train),
-                         label_map=data_cfg.label_map)
+                         label_map=data_cfg.label_map, skip_bad_images=data_cfg.skip_bad_images)

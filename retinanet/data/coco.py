@@ -18,6 +18,8 @@ import numpy as np
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
+from ..boxes import MIN_BOX_SIDE
+
 logger = logging.getLogger(__name__)
 
 
@@ -38,6 +40,22 @@ def categories(coco: COCO) -> tuple[list[int], list[str]]:
     every place that maps labels to ids and back uses this one order."""
     cat_ids = sorted(coco.getCatIds())
     return cat_ids, [coco.cats[c]["name"] for c in cat_ids]
+
+
+def _clipped_box(bbox, width: float, height: float) -> list[float] | None:
+    """COCO [x, y, w, h] -> xyxy clipped to the image, or None when it is not 4 finite numbers or
+    a side is under MIN_BOX_SIDE after clipping."""
+    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or \
+            not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
+        return None
+    x, y, w, h = (float(v) for v in bbox)
+    with np.errstate(invalid="ignore", over="ignore"):
+        # float32, as the boxes are stored and as the transform re-checks them
+        box = np.float32([max(0.0, x), max(0.0, y), min(float(width), x + w), min(float(height), y + h)])
+        side = np.float32(MIN_BOX_SIDE)
+        if not (np.isfinite(box).all() and box[2] - box[0] >= side and box[3] - box[1] >= side):
+            return None
+    return box.tolist()
 
 
 def label_mapping(coco: COCO, mode: str = "contiguous") -> tuple[dict[int, int], list[str]]:
@@ -61,12 +79,16 @@ class CocoDetection(Dataset):
     """__getitem__(i) -> dict(image (H, W, 3) uint8 RGB, boxes (n, 4) float32 xyxy, labels (n,) int64,
     image_id int, orig_size (h, w)), passed through `transform` when one is given.
 
-    Annotations with zero or negative width/height are dropped at load with one counted warning
-    (they cannot be matched and crash augmentation); other boxes are clipped to the image.
+    Annotations whose box is not 4 finite numbers or has (after clipping to the image) a side
+    under MIN_BOX_SIDE pixels are dropped at load with one counted warning (they cannot be
+    matched and crash augmentation); other boxes are clipped to the image. An image file that
+    cannot be read is an error naming it, or with `skip_bad_images` a counted warning: missing
+    files are left out at load, unreadable ones replaced by the next image when met.
     """
 
     def __init__(self, images_dir: str | Path, annotations: str | Path,
-                 transform: Optional[Callable[[dict], dict]] = None, label_map: str = "contiguous"):
+                 transform: Optional[Callable[[dict], dict]] = None, label_map: str = "contiguous",
+                 skip_bad_images: bool = False):
         self.images_dir = Path(images_dir)
         self.annotations_file = Path(annotations)
         if not self.images_dir.is_dir():
@@ -81,6 +103,19 @@ class CocoDetection(Dataset):
         self.label_to_cat_id, self.class_names = label_mapping(self.coco, label_map)
         self.cat_id_to_label = {c: label for label, c in self.label_to_cat_id.items()}
         self.image_ids = sorted(self.coco.getImgIds())
+        self.skip_bad_images = skip_bad_images
+        self.skipped_images: list[int] = []  # ids of images left out or replaced (this process)
+        if skip_bad_images:
+            missing = [i for i in self.image_ids if not self.image_path(i).is_file()]
+            if missing:
+                logger.warning("%s: leaving out %d image(s) whose file is missing (first ids: %s; "
+                               "data.skip_bad_images is true)", self.annotations_file, len(missing),
+                               missing[:5])
+                self.skipped_images += missing
+                self.image_ids = [i for i in self.image_ids if i not in set(missing)]
+            if not self.image_ids:
+                raise ValueError(f"{self.annotations_file}: none of the image files exist under "
+                                 f"{self.images_dir}")
         self._dropped: list[int] = []  # ids of degenerate annotations left out
         self._targets = {i: self._load_targets(i) for i in self.image_ids}
 
@@ -98,9 +133,8 @@ class CocoDetection(Dataset):
             if ann["category_id"] not in self.cat_id_to_label:
                 raise ValueError(f"{self.annotations_file}: annotation {ann['id']} of image {image_id} "
                                  f"has unknown category_id {ann['category_id']}")
-            x, y, w, h = ann["bbox"]
-            box = [max(0.0, x), max(0.0, y), min(float(width), x + w), min(float(height), y + h)]
-            if not (np.isfinite(box).all() and box[2] > box[0] and box[3] > box[1]):
+            box = _clipped_box(ann.get("bbox"), width, height)
+            if box is None:
                 self._dropped.append(ann["id"])
                 continue
             boxes.append(box)
@@ -121,9 +155,9 @@ class CocoDetection(Dataset):
     def report_dropped(self) -> int:
         """Logs (once) and returns how many degenerate annotations were dropped."""
         if self._dropped:
-            logger.warning("%s: dropped %d annotation(s) with zero/negative size or outside the "
-                           "image (first ids: %s)", self.annotations_file, len(self._dropped),
-                           self._dropped[:5])
+            logger.warning("%s: dropped %d annotation(s) whose box is not 4 finite numbers or is "
+                           "under %g px wide or high inside the image (first ids: %s)",
+                           self.annotations_file, len(self._dropped), MIN_BOX_SIDE, self._dropped[:5])
         return len(self._dropped)
 
     def __len__(self) -> int:
@@ -142,7 +176,20 @@ class CocoDetection(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         image_id = self.image_ids[index]
-        image = self.read_image(image_id)
+        for attempt in range(len(self.image_ids)):
+            try:
+                image = self.read_image(image_id)
+                break
+            except FileNotFoundError as error:
+                if not self.skip_bad_images:
+                    raise
+                self.skipped_images.append(image_id)
+                logger.warning("%s; using the next image instead (data.skip_bad_images is true; "
+                               "%d skipped in this process so far)", error, len(self.skipped_images))
+                image_id = self.image_ids[(index + attempt + 1) % len(self.image_ids)]
+        else:
+            raise FileNotFoundError(f"{self.annotations_file}: no image under {self.images_dir} "
+                                    "can be read")
         boxes, labels = self._targets[image_id]
         sample = {"image": image, "boxes": boxes, "labels": labels, "image_id": image_id,
                   "orig_size": (image.shape[0], image.shape[1])}

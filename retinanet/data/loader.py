@@ -58,47 +58,64 @@ class Collate:
                      orig_sizes=[tuple(s["orig_size"]) for s in samples])
 
 
-class InfiniteSampler(Sampler[int]):
-    """Endless shuffled indices, reshuffled every epoch from (seed, epoch); `start` skips indices
-    already consumed so that a resumed run sees the same sequence."""
+class InfiniteSampler(Sampler[tuple[int, int]]):
+    """Endless (dataset index, stream position) pairs: indices reshuffled every epoch from
+    (seed, epoch); positions count samples from the start of training. `start` skips the
+    positions already consumed, so that a resumed run sees the same sequence."""
 
     def __init__(self, size: int, seed: int, start: int = 0):
         self.size, self.seed, self.start = size, seed, start
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch, offset = divmod(self.start, self.size)
+        position = self.start
         while True:
             generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
             order = torch.randperm(self.size, generator=generator).tolist()
-            yield from order[offset:]
+            for index in order[offset:]:
+                yield index, position
+                position += 1
             epoch, offset = epoch + 1, 0
 
 
-def _seed_worker(worker_id: int) -> None:
-    # torch gives each worker its own seed (from the loader's generator); numpy, random and the
-    # albumentations pipeline (which has generators of its own) follow it, so workers differ and
-    # runs repeat.
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-    _seed_transform(torch.utils.data.get_worker_info().dataset, seed)
+class StreamSeededDataset(Dataset):
+    """dataset[(index, position)] -> dataset[index] with its augmentation seeded from
+    (seed, position): the sample at a given point of the training stream is augmented the same
+    way whichever worker loads it, however many workers there are, and after a resume."""
 
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
 
-def _seed_transform(dataset: Dataset, seed: int) -> None:
-    transform = getattr(dataset, "transform", None)
-    if hasattr(transform, "set_seed"):
-        transform.set_seed(seed)
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, position = key
+        transform = getattr(self.dataset, "transform", None)
+        if hasattr(transform, "set_seed"):
+            # albumentations keeps its own generators: np.random / random seeds do not reach them
+            transform.set_seed((self.seed * 1_000_003 + position) % 2**32)
+        return self.dataset[index]
 
 
 def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, seed: int,
-                       size_divisibility: int, start_iter: int = 0) -> DataLoader:
-    sampler = InfiniteSampler(len(dataset), seed, start=start_iter * batch_size)
-    generator = torch.Generator().manual_seed(seed + start_iter)
-    if num_workers == 0:
-        _seed_transform(dataset, seed + start_iter)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      collate_fn=Collate(size_divisibility), worker_init_fn=_seed_worker,
-                      generator=generator, persistent_workers=num_workers > 0, drop_last=True)
+                       size_divisibility: int, start_position: int = 0) -> DataLoader:
+    """Batches of `batch_size` from an endless shuffled stream, starting `start_position`
+    samples in (a resumed run's samples_seen); a sample at a given position is the same image,
+    augmented the same way, in every run."""
+    sampler = InfiniteSampler(len(dataset), seed, start=start_position)
+    return DataLoader(StreamSeededDataset(dataset, seed), batch_size=batch_size, sampler=sampler,
+                      num_workers=num_workers, collate_fn=Collate(size_divisibility),
+                      worker_init_fn=_seed_worker, persistent_workers=num_workers > 0,
+                      drop_last=True)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # numpy and random in each worker follow torch's per-worker seed, for any randomness outside
+    # the (separately seeded) augmentation pipeline.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def build_test_loader(dataset: Dataset, *, batch_size: int, num_workers: int,

@@ -20,7 +20,8 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from torch import Tensor  # noqa: E402
+
+from ..boxes import MIN_BOX_SIDE  # noqa: E402
 
 
 class ResizeShortestEdge(MaxSizeTransform):
@@ -78,11 +79,12 @@ class DetectionTransform:
         height, width = sample["image"].shape[:2]
         # Clip first: float round-off just past the edge makes albumentations raise.
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4).clip(0, [width, height, width, height])
-        empty = ~((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1]))
+        empty = ~((boxes[:, 2] - boxes[:, 0] >= np.float32(MIN_BOX_SIDE))
+                  & (boxes[:, 3] - boxes[:, 1] >= np.float32(MIN_BOX_SIDE)))
         if empty.any():
-            raise ValueError(f"image {sample.get('image_id')}: box {boxes[empty][0].tolist()} has no "
-                             f"area inside the {width}x{height} image; drop such boxes before the "
-                             "transform (CocoDetection does, with a counted warning)")
+            raise ValueError(f"image {sample.get('image_id')}: box {boxes[empty][0].tolist()} is under "
+                             f"{MIN_BOX_SIDE} px wide or high inside the {width}x{height} image; drop "
+                             "such boxes before the transform (CocoDetection does, with a counted warning)")
         out = self.pipeline(image=sample["image"], bboxes=boxes, labels=np.asarray(labels, np.int64))
         image = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)))
         out_boxes = np.asarray(out["bboxes"], np.float32).reshape(-1, 4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import os
 import random
 import time
 from pathlib import Path
@@ -33,6 +34,24 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def configure_determinism(enabled: bool, device: torch.device) -> None:
+    """Deterministic kernels only. On CPU an op without one is an error; on CUDA a warning (the
+    model's own ops have deterministic kernels: see the FPN's upsampling)."""
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reproducibility
+    torch.use_deterministic_algorithms(True, warn_only=device.type == "cuda")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def _grad_norm(parameters: list[torch.Tensor]) -> torch.Tensor:
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -85,8 +104,12 @@ class Trainer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         seed_everything(config.train.seed)
         self.device = resolve_device(config.train.device)
+        configure_determinism(config.train.deterministic, self.device)
+        for stale in self.output_dir.glob(".model_*.tmp"):  # a write that was killed midway
+            stale.unlink()
+            self.log(f"removed {stale.name}, left by an interrupted checkpoint write")
 
-        self.train_set = build_dataset(config.data, train=True)
+        self.train_set = build_dataset(config.data, train=True, check=True, log=self.log)
         self.train_set.report_dropped()
         num_classes = self.train_set.num_classes
         if config.model.num_classes is not None and config.model.num_classes != num_classes:
@@ -117,12 +140,18 @@ class Trainer:
         self.use_amp = config.train.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.iteration = 0
+        self.samples_seen = 0  # the sampler's position in the training stream
+        self.bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        # Trainable BatchNorm updates its statistics in the forward pass; a skipped step restores them.
+        self._bn_buffers = [buf for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                            for buf in (m.running_mean, m.running_var) if buf is not None]
         if resume:
             self._resume(resume)
 
         self.val_set = None
         if config.data.val.annotations:
-            self.val_set = build_dataset(config.data, train=False)
+            self.val_set = build_dataset(config.data, train=False, check=True, log=self.log)
             if self.val_set.cat_ids != self.train_set.cat_ids or \
                     self.val_set.class_names != self.train_set.class_names:
                 raise ValueError(f"{config.data.val.annotations} and {config.data.train.annotations} "
@@ -144,7 +173,7 @@ class Trainer:
         loader = build_train_loader(self.train_set, batch_size=cfg.batch_size,
                                     num_workers=self.config.data.num_workers, seed=cfg.seed,
                                     size_divisibility=self.config.data.size_divisibility,
-                                    start_iter=self.iteration)
+                                    start_position=self.samples_seen)
         self.log(f"training {self.config.output_dir}: {len(self.train_set)} images, "
                  f"{self.model.num_classes} classes, iterations {self.iteration}..{cfg.max_iter}, "
                  f"batch {cfg.batch_size}, device {self.device}")
@@ -158,14 +187,16 @@ class Trainer:
             batch = next(data_iter).to(self.device, non_blocking=True)
             losses = self.step(batch)
             self.iteration += 1
+            self.samples_seen += len(batch.image_ids)
             window_images += len(batch.image_ids)
-            window_iters += 1
-            for key, value in losses.items():
-                sums[key] = sums.get(key, 0) + value.detach()
+            if losses is not None:
+                window_iters += 1
+                for key, value in losses.items():
+                    sums[key] = sums.get(key, 0) + value.detach()
 
             if self.iteration % cfg.log_period == 0 or self.iteration == cfg.max_iter:
                 now = time.perf_counter()
-                means = {k: float(v) / window_iters for k, v in sums.items()}  # one host sync a window
+                means = {k: float(v) / max(window_iters, 1) for k, v in sums.items()}  # one sync a window
                 sums, window_iters = {}, 0
                 ips = window_images / max(now - window_time, 1e-9)
                 eta = (now - start_time) / (self.iteration - start_iter) * (cfg.max_iter - self.iteration)
@@ -183,8 +214,11 @@ class Trainer:
         self.writer.close()
         return result
 
-    def step(self, batch) -> dict[str, torch.Tensor]:
-        """One optimisation step; returns the detached losses (no host sync)."""
+    def step(self, batch) -> Optional[dict[str, torch.Tensor]]:
+        """One optimisation step; returns the detached losses, or None when the step was skipped
+        because its loss or gradient is not finite (weights and BatchNorm statistics unchanged).
+        Costs one host sync, the finiteness check."""
+        saved_stats = [buf.clone() for buf in self._bn_buffers]
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
             out = self.model(batch.images)
         # The loss runs in float32 whatever the forward's precision (see losses/focal.py).
@@ -193,19 +227,46 @@ class Trainer:
         total = losses["loss_cls"] + losses["loss_box"]
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
-        if self.config.train.clip_grad_norm:
+        if self.use_amp:
             self.scaler.unscale_(self.optimizer)
-            losses["grad_norm"] = torch.nn.utils.clip_grad_norm_(
-                self.model.parameters(), self.config.train.clip_grad_norm)
+        clip = self.config.train.clip_grad_norm
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, clip) if clip else _grad_norm(self._params)
+        # Under AMP an overflowing gradient is the scaler's business (it skips and lowers the scale).
+        finite = torch.isfinite(total) & (torch.isfinite(grad_norm) | self.use_amp)
+        if not bool(finite):
+            self._skip_step(batch, losses, grad_norm, saved_stats)
+            self.scheduler.step()  # the iteration still counts: the schedule stays on time
+            return None
+        self.bad_steps = 0
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
         return {"loss": total.detach(), "loss_cls": losses["loss_cls"].detach(),
                 "loss_box": losses["loss_box"].detach(), "num_fg": losses["num_fg"].float(),
-                **({"grad_norm": losses["grad_norm"]} if "grad_norm" in losses else {})}
+                "grad_norm": grad_norm.detach().float()}
+
+    def _skip_step(self, batch, losses: dict, grad_norm: torch.Tensor, saved_stats: list) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        for buf, saved in zip(self._bn_buffers, saved_stats):
+            buf.copy_(saved)
+        self.bad_steps += 1
+        iteration = self.iteration + 1
+        self.writer.add_scalar("train/skipped_step", 1, iteration)
+        self.log(f"iteration {iteration}: non-finite loss or gradient (loss_cls "
+                 f"{float(losses['loss_cls']):.4g}, loss_box {float(losses['loss_box']):.4g}, grad norm "
+                 f"{float(grad_norm):.4g}); step skipped, weights unchanged; image ids {batch.image_ids}")
+        if self.bad_steps >= self.config.train.max_bad_steps:
+            raise FloatingPointError(
+                f"{self.bad_steps} consecutive steps with a non-finite loss or gradient (the last at "
+                f"iteration {iteration}, image ids {batch.image_ids}); stopping. Check the data with "
+                "tools/check_dataset.py, lower train.optimizer.lr or set train.clip_grad_norm")
 
     def _log_step(self, means: dict[str, float], images_per_sec: float, eta: float) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
+        if not means:
+            self.log(f"iter {self.iteration:>6}/{self.config.train.max_iter}  every step since the "
+                     "last line was skipped")
+            return
         for key, value in means.items():
             self.writer.add_scalar(f"train/{key}", value, self.iteration)
         self.writer.add_scalar("train/lr", lr, self.iteration)
@@ -213,9 +274,6 @@ class Trainer:
         self.log(f"iter {self.iteration:>6}/{self.config.train.max_iter}  loss {means['loss']:.4f} "
                  f"(cls {means['loss_cls']:.4f} box {means['loss_box']:.4f})  lr {lr:.5f}  "
                  f"{images_per_sec:5.1f} img/s  eta {datetime.timedelta(seconds=int(eta))}")
-        if not all(math.isfinite(v) for v in means.values()):
-            raise FloatingPointError(f"non-finite loss at iteration {self.iteration}: {means} "
-                                     "(lower train.optimizer.lr or set train.clip_grad_norm)")
 
     # ----------------------------------------------------------------------------------------
     def evaluate(self, visualize: bool = False) -> dict:
@@ -235,11 +293,21 @@ class Trainer:
         return result
 
     def save(self, name: str) -> Path:
+        """Writes a checkpoint atomically, then keeps only the newest train.keep_checkpoints
+        periodic ones. Refuses (FloatingPointError) to write weights that are not finite."""
         path = self.output_dir / name
-        atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        state = self.model.state_dict()
+        bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if bad:
+            raise FloatingPointError(f"not writing {path}: non-finite values in {bad[:5]}")
+        atomic_save({"model": state, "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                      "criterion": self.criterion.state_dict(), "iteration": self.iteration,
+                     "samples_seen": self.samples_seen, "bad_steps": self.bad_steps,
                      "rng": rng_state(), "config": self.config}, path)
+        periodic = sorted(self.output_dir.glob("model_[0-9]*.pth"))
+        for old in periodic[: max(0, len(periodic) - self.config.train.keep_checkpoints)]:
+            old.unlink()
         return path
 
     def _resume(self, resume: str) -> None:
@@ -255,6 +323,8 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.criterion.load_state_dict(state["criterion"])
         self.iteration = int(state["iteration"])
+        self.samples_seen = int(state.get("samples_seen", self.iteration * self.config.train.batch_size))
+        self.bad_steps = int(state.get("bad_steps", 0))
         set_rng_state(state["rng"])
         self.log(f"resumed from {path} at iteration {self.iteration}")
 

@@ -10,12 +10,19 @@ IGNORE = -2
 
 
 class Matcher:
-    """Assigns each anchor the index of its best ground-truth box, or BACKGROUND / IGNORE.
+    """Assigns each anchor a ground-truth box (its row in gt_boxes), BACKGROUND or IGNORE.
 
-    IoU >= fg_iou: positive; IoU < bg_iou: background; in between: ignored. With
-    `allow_low_quality`, every anchor whose IoU with some box equals that box's best IoU over all
-    anchors is made positive too (matched to its own best box), so each box with any overlap gets
-    at least one positive.
+    An anchor's IoU with its best box decides: >= fg_iou: positive (matched to that box);
+    < bg_iou: background; in between: ignored.
+
+    With `allow_low_quality`, each valid box's *best anchors* (those whose IoU with it equals its
+    highest IoU over all anchors, ties included, if that is > 0) are made positive too, and matched
+    to the box they are best for, not to the anchor's own best box (mmdetection's choice;
+    detectron2 and torchvision keep the anchor's own best box, which leaves a small box with no
+    positive when its best anchor overlaps a bigger neighbour more). An anchor that is a best
+    anchor of several boxes goes to the one it overlaps most. Hence the guarantee: every valid box
+    with any overlap gets at least one positive, unless each of its best anchors is also a best
+    anchor of another box (two boxes sharing one anchor cannot both keep it).
     """
 
     def __init__(self, *, fg_iou: float = 0.5, bg_iou: float = 0.4, allow_low_quality: bool = True):
@@ -35,14 +42,18 @@ class Matcher:
             return torch.full((batch, num_anchors), BACKGROUND, dtype=torch.long, device=anchors.device)
         iou = box_iou(gt_boxes.reshape(-1, 4).float(), anchors.float()).view(batch, max_boxes, num_anchors)
         iou = iou.masked_fill(~gt_valid[..., None], -1.0)
-        best_iou, matched_idx = iou.max(dim=1)  # (B, A)
-        result = matched_idx.clone()
+        best_iou, result = iou.max(dim=1)  # (B, A)
         result[best_iou < self.fg_iou] = IGNORE
         result[best_iou < self.bg_iou] = BACKGROUND
         if self.allow_low_quality:
-            best_per_gt = iou.max(dim=2).values  # (B, M)
-            usable = gt_valid & (best_per_gt > 0)
-            is_best = (iou == best_per_gt[..., None]) & usable[..., None]  # (B, M, A)
-            low_quality = is_best.any(dim=1)
-            result[low_quality] = matched_idx[low_quality]
+            best_per_gt = iou.max(dim=2, keepdim=True).values  # (B, M, 1)
+            # Boxes with zero overlap everywhere would make every anchor "best": skip them.
+            usable = gt_valid[..., None] & (best_per_gt > 0)
+            is_best = (iou == best_per_gt) & usable  # (B, M, A): anchor a is a best anchor of box m
+            low_quality = is_best.any(dim=1)  # (B, A)
+            # Among the boxes an anchor is best for, take the one it overlaps most (the first on
+            # ties). In place: the IoU matrix is not needed any more and is the largest tensor here;
+            # max().indices, not argmax(), which is several times slower over this dim on CPU.
+            best_for_gt = iou.masked_fill_(~is_best, -1.0).max(dim=1).indices  # (B, A)
+            result = torch.where(low_quality, best_for_gt, result)
         return result

@@ -33,9 +33,18 @@ class FPN(nn.Module):
         outputs = [self.output[-1](inner)]
         for level in range(len(features) - 2, -1, -1):
             lateral = self.lateral[level](features[level])
-            # Upsample to the lateral's size rather than x2: odd sizes stay aligned.
-            inner = lateral + F.interpolate(inner, size=lateral.shape[-2:], mode="nearest")
+            inner = lateral + _upsample_nearest(inner, tuple(lateral.shape[-2:]))
             outputs.insert(0, self.output[level](inner))
         p6 = self.p6(features[-1] if self.p6_from == "c5" else outputs[-1])
         p7 = self.p7(F.relu(p6))
         return outputs + [p6, p7]
+
+
+def _upsample_nearest(x: Tensor, size: tuple[int, int]) -> Tensor:
+    """Nearest upsampling to `size` (the lateral's size rather than x2, so that odd sizes stay
+    aligned). On CUDA an exact x2 is a broadcast instead: same values, and its backward is a sum
+    with a deterministic kernel, unlike interpolate's (CPU keeps interpolate, faster there)."""
+    n, c, h, w = x.shape
+    if x.is_cuda and size == (2 * h, 2 * w):
+        return x[:, :, :, None, :, None].expand(n, c, h, 2, w, 2).reshape(n, c, 2 * h, 2 * w)
+    return F.interpolate(x, size=size, mode="nearest")

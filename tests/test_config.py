@@ -55,6 +55,10 @@ def test_wrong_types_are_one_line_errors(tmp_path, override, fragment):
     ("train.optimizer.lr=-1", "train.optimizer.lr"),
     ("model.matcher.bg_iou=0.6", "model.matcher.bg_iou"),
     ("model.anchors.sizes=[1,2]", "model.anchors.sizes"),
+    ("model.anchors.level_sizes=[[32,40],[64],[1],[2],[3]]", "model.anchors.level_sizes"),
+    ("train.keep_checkpoints=0", "train.keep_checkpoints"),
+    ("train.max_bad_steps=0", "train.max_bad_steps"),
+    ("data.label_map=ids", "data.label_map"),
 ])
 def test_bad_values_are_rejected(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key):
@@ -94,7 +98,9 @@ def test_saved_config_round_trips(tmp_path):
     assert load_config(tmp_path / "saved.yaml") == cfg
 
 
-@pytest.mark.parametrize("name", ["shapes_R18.yaml", "retinanet_R50_FPN_1x_coco.yaml"])
+@pytest.mark.parametrize("name", ["shapes_R18.yaml", "retinanet_R50_FPN_1x_coco.yaml",
+                                  "torchvision/retinanet_resnet50_fpn.yaml",
+                                  "torchvision/retinanet_resnet50_fpn_v2.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(REPO_ROOT / "configs" / name)
     assert cfg.model.backbone.depth in (18, 50)

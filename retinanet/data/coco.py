@@ -49,6 +49,8 @@ def _clipped_box(bbox, width: float, height: float) -> list[float] | None:
             not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox):
         return None
     x, y, w, h = (float(v) for v in bbox)
+    if not np.isfinite([x, y, w, h]).all():  # before clipping, which would turn NaN / inf into edges
+        return None
     with np.errstate(invalid="ignore", over="ignore"):
         # float32, as the boxes are stored and as the transform re-checks them
         box = np.float32([max(0.0, x), max(0.0, y), min(float(width), x + w), min(float(height), y + h)])

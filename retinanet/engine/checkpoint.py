@@ -3,11 +3,17 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+
+
+# Tests set this to a checkpoint's file name: the process then kills itself (SIGKILL) after
+# writing that checkpoint's temp file and before the rename, as a crash mid-write would.
+KILL_IN_SAVE = "RETINANET_KILL_IN_SAVE"
 
 
 def atomic_save(obj, path: str | Path) -> None:
@@ -19,6 +25,8 @@ def atomic_save(obj, path: str | Path) -> None:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        if os.environ.get(KILL_IN_SAVE) == path.name:  # fault injection for the resume tests
+            os.kill(os.getpid(), signal.SIGKILL)
         os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -8,6 +8,7 @@ import math
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -145,7 +146,8 @@ class Trainer:
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         # Trainable BatchNorm updates its statistics in the forward pass; a skipped step restores them.
         self._bn_buffers = [buf for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                            for buf in (m.running_mean, m.running_var) if buf is not None]
+                            for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
+                            if buf is not None]
         if resume:
             self._resume(resume)
 
@@ -235,7 +237,9 @@ class Trainer:
         finite = torch.isfinite(total) & (torch.isfinite(grad_norm) | self.use_amp)
         if not bool(finite):
             self._skip_step(batch, losses, grad_norm, saved_stats)
-            self.scheduler.step()  # the iteration still counts: the schedule stays on time
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()  # the iteration still counts: the schedule stays on time
             return None
         self.bad_steps = 0
         self.scaler.step(self.optimizer)
@@ -253,7 +257,8 @@ class Trainer:
         iteration = self.iteration + 1
         self.writer.add_scalar("train/skipped_step", 1, iteration)
         self.log(f"iteration {iteration}: non-finite loss or gradient (loss_cls "
-                 f"{float(losses['loss_cls']):.4g}, loss_box {float(losses['loss_box']):.4g}, grad norm "
+                 f"{float(losses['loss_cls'].detach()):.4g}, loss_box "
+                 f"{float(losses['loss_box'].detach()):.4g}, grad norm "
                  f"{float(grad_norm):.4g}); step skipped, weights unchanged; image ids {batch.image_ids}")
         if self.bad_steps >= self.config.train.max_bad_steps:
             raise FloatingPointError(

@@ -6,7 +6,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SHAPES := data/shapes
 
-.PHONY: install demo test data clean
+NPROC ?= 2
+CONFIG ?= configs/shapes_R18.yaml
+
+.PHONY: install demo demo-ddp train-ddp test data clean
 
 install: $(STAMP)
 
@@ -21,6 +24,14 @@ data: $(STAMP)
 
 demo: data
 	$(PY) tools/train.py --config configs/shapes_R18.yaml
+
+# Single-node multi-process training: one process per GPU (NCCL), or CPU processes (gloo).
+# train.batch_size is per process: scale the LR with the total batch (see README).
+train-ddp: $(STAMP)
+	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) tools/train.py --config $(CONFIG) $(ARGS)
+
+demo-ddp: data
+	$(MAKE) train-ddp NPROC=$(NPROC) CONFIG=configs/shapes_R18.yaml ARGS="output_dir=runs/shapes_R18_ddp train.batch_size=8 $(ARGS)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

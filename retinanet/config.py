@@ -230,6 +230,10 @@ class TrainConfig:
     # A step whose loss or gradient is not finite is skipped (weights and BatchNorm statistics
     # untouched) and logged with the batch's image ids; this many in a row stop training.
     max_bad_steps: int = 5
+    # torchrun only: SyncBatchNorm across processes for trainable BatchNorm (CUDA), and the
+    # timeout of every collective, after which a job with a dead or stuck rank stops with an error.
+    sync_bn: bool = False
+    dist_timeout_s: float = 1800.0
     # Deterministic algorithms (torch.use_deterministic_algorithms, no cuDNN autotuning): with
     # the same seed and thread count, runs and resumed runs give bit-identical weights.
     deterministic: bool = False
@@ -320,6 +324,7 @@ def validate(config: Config) -> None:
     check(t.batch_size > 0, "train.batch_size", "must be positive")
     check(t.max_iter > 0, "train.max_iter", "must be positive")
     check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    check(t.dist_timeout_s > 0, "train.dist_timeout_s", "must be positive")
     check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
     check(t.checkpoint_period >= 0, "train.checkpoint_period", "must be >= 0 (0: only the final one)")
     check(config.loss.box.beta >= 0, "loss.box.beta", "must be >= 0")

@@ -1,6 +1,12 @@
-"""Train a RetinaNet: python tools/train.py --config configs/X.yaml [key=value ...] [--resume PATH|auto]"""
+"""Train a RetinaNet: python tools/train.py --config configs/X.yaml [key=value ...] [--resume PATH|auto]
+
+Several processes (one per GPU, or CPU processes with gloo):
+    torchrun --nproc_per_node=N tools/train.py --config configs/X.yaml [key=value ...]
+"""
 from __future__ import annotations
 
+import logging
+import os
 import sys
 from pathlib import Path
 
@@ -17,8 +23,15 @@ def main() -> int:
     from retinanet.config import load_config
     from retinanet.engine.trainer import Trainer
 
+    from retinanet.engine.distributed import cleanup, launched_by_torchrun
+
     config = load_config(args.config, args.overrides)
-    Trainer(config, resume=args.resume).train()
+    if launched_by_torchrun() and int(os.environ.get("RANK", "0")) != 0:
+        logging.getLogger("retinanet").setLevel(logging.ERROR)  # rank 0 alone reports
+    try:
+        Trainer(config, resume=args.resume).train()
+    finally:
+        cleanup()
     return 0
 
 

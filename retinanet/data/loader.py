@@ -9,7 +9,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 
 @dataclass
@@ -59,12 +59,19 @@ class Collate:
 
 
 class InfiniteSampler(Sampler[tuple[int, int]]):
-    """Endless (dataset index, stream position) pairs: indices reshuffled every epoch from
-    (seed, epoch); positions count samples from the start of training. `start` skips the
-    positions already consumed, so that a resumed run sees the same sequence."""
+    """Endless (dataset index, stream position) pairs from one global stream: indices reshuffled
+    every epoch from (seed, epoch); positions count samples from the start of training. `start`
+    skips the positions already consumed, so that a resumed run sees the same sequence.
 
-    def __init__(self, size: int, seed: int, start: int = 0):
+    Under distributed training global batch i is positions [i*W*b, (i+1)*W*b) for W ranks of
+    batch b; rank r takes its b-long slice r, so W ranks x batch b see exactly the images (and
+    augmentations) that 1 process x batch W*b sees.
+    """
+
+    def __init__(self, size: int, seed: int, start: int = 0, *, rank: int = 0, world_size: int = 1,
+                 batch_size: int = 1):
         self.size, self.seed, self.start = size, seed, start
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch, offset = divmod(self.start, self.size)
@@ -73,7 +80,8 @@ class InfiniteSampler(Sampler[tuple[int, int]]):
             generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
             order = torch.randperm(self.size, generator=generator).tolist()
             for index in order[offset:]:
-                yield index, position
+                if (position // self.batch_size) % self.world_size == self.rank:
+                    yield index, position
                 position += 1
             epoch, offset = epoch + 1, 0
 
@@ -99,11 +107,17 @@ class StreamSeededDataset(Dataset):
 
 
 def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, seed: int,
-                       size_divisibility: int, start_position: int = 0) -> DataLoader:
-    """Batches of `batch_size` from an endless shuffled stream, starting `start_position`
-    samples in (a resumed run's samples_seen); a sample at a given position is the same image,
-    augmented the same way, in every run."""
-    sampler = InfiniteSampler(len(dataset), seed, start=start_position)
+                       size_divisibility: int, start_position: int = 0, rank: int = 0,
+                       world_size: int = 1) -> DataLoader:
+    """Batches of `batch_size` (per rank) from an endless shuffled stream, starting
+    `start_position` samples in (a resumed run's samples_seen, over all ranks); a sample at a
+    given position is the same image, augmented the same way, in every run."""
+    if start_position % (batch_size * world_size):
+        raise ValueError(f"stream position {start_position} is not a whole number of global batches "
+                         f"of {world_size} x {batch_size}: resume with the batch size and number of "
+                         "processes the checkpoint was trained with")
+    sampler = InfiniteSampler(len(dataset), seed, start=start_position, rank=rank,
+                              world_size=world_size, batch_size=batch_size)
     return DataLoader(StreamSeededDataset(dataset, seed), batch_size=batch_size, sampler=sampler,
                       num_workers=num_workers, collate_fn=Collate(size_divisibility),
                       worker_init_fn=_seed_worker, persistent_workers=num_workers > 0,
@@ -119,6 +133,8 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def build_test_loader(dataset: Dataset, *, batch_size: int, num_workers: int,
-                      size_divisibility: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      size_divisibility: int, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """The dataset in order; under distributed evaluation rank r gets images r, r + W, ..."""
+    shard = dataset if world_size == 1 else Subset(dataset, range(rank, len(dataset), world_size))
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                       collate_fn=Collate(size_divisibility))

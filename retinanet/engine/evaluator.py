@@ -15,6 +15,7 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert
 
 from ..data.coco import categories
+from .distributed import broadcast_from_main, gather_to_main
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,11 @@ def format_report(result: dict, max_dets: int) -> str:
 
 class Evaluator:
     """Runs `predict(batch) -> per-image detections in original pixels` over a loader, writes
-    `coco_results.json` and `metrics.json` to output_dir, prints and returns the scores."""
+    `coco_results.json` and `metrics.json` to output_dir, prints and returns the scores.
+
+    Distributed: each rank runs its shard of the images (build_test_loader's rank / world_size),
+    rank 0 gathers every rank's results, scores them once with pycocotools, writes and prints;
+    all ranks return the scores, and rank 0 alone the predictions."""
 
     def __init__(self, dataset, loader: Iterable, *, output_dir: str | Path | None = None,
                  max_dets: int = 100):
@@ -122,6 +127,18 @@ class Evaluator:
                 results += to_coco_results(image_id, detections, self.dataset.label_to_cat_id)
                 num_detections += len(detections["labels"])
                 predictions[image_id] = {k: v.cpu() for k, v in detections.items()}
+        gathered = gather_to_main((results, predictions, num_detections))
+        if gathered is None:  # not rank 0: wait for its scores
+            return broadcast_from_main(None)
+        # Dataset order, whatever the sharding: COCOeval breaks score ties by input order, so this
+        # makes distributed scores equal to single-process ones.
+        order = {image_id: i for i, image_id in enumerate(self.dataset.image_ids)}
+        results = sorted((r for part in gathered for r in part[0]), key=lambda r: order[r["image_id"]])
+        predictions = {k: v for part in gathered for k, v in part[1].items()}
+        num_detections = sum(part[2] for part in gathered)
+        if len(predictions) != len(self.dataset.image_ids):
+            raise RuntimeError(f"evaluation predicted {len(predictions)} images of "
+                               f"{len(self.dataset.image_ids)}: the loader must cover the dataset")
         if num_detections > len(results):
             log(f"{num_detections - len(results)} of {num_detections} detections have a label that "
                 "is no category of the dataset (\"N/A\" outputs) and are not scored")
@@ -134,5 +151,6 @@ class Evaluator:
                 {"metrics": result["metrics"], "per_class": result["per_class"],
                  "max_dets": self.max_dets, "num_detections": len(results)}, indent=2))
         log(format_report(result, self.max_dets))
+        broadcast_from_main(result)
         result["predictions"] = predictions
         return result

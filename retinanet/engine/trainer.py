@@ -26,6 +26,8 @@ from ..data.transforms import build_transform
 from ..visualize import save_detections
 from .checkpoint import (atomic_save, latest_checkpoint, load_checkpoint, load_model_weights, rng_state,
                          set_rng_state)
+from .distributed import (all_reduce_max, all_reduce_mean, barrier, broadcast_buffers,
+                          init_distributed)
 from .evaluator import METRIC_NAMES, Evaluator
 
 logger = logging.getLogger(__name__)
@@ -96,19 +98,30 @@ def lr_factor(config: Config, iteration: int) -> float:
 
 class Trainer:
     """`Trainer(config).train()` runs a whole job in `config.output_dir`; `resume` is a checkpoint
-    path or "auto" (the latest one in the output folder)."""
+    path or "auto" (the latest one in the output folder).
+
+    Under `torchrun` each process is one rank of a DistributedDataParallel job: it trains on its
+    slice of every global batch; rank 0 alone logs, writes checkpoints and tensorboard; all ranks
+    resume from the same checkpoint and evaluate their shard of the validation set.
+    """
 
     def __init__(self, config: Config, *, resume: Optional[str] = None,
                  log: Callable[[str], None] = print):
-        self.config, self.log = config, log
-        self.output_dir = Path(config.output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.config = config
         seed_everything(config.train.seed)
         self.device = resolve_device(config.train.device)
+        self.dist = init_distributed(self.device, config.train.dist_timeout_s)
+        if self.device.type == "cuda" and self.dist.world_size > 1:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.log = log if self.dist.is_main else (lambda message: None)
+        self.output_dir = Path(config.output_dir)
+        if self.dist.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            for stale in self.output_dir.glob(".model_*.tmp"):  # a write that was killed midway
+                stale.unlink()
+                self.log(f"removed {stale.name}, left by an interrupted checkpoint write")
+        barrier()
         configure_determinism(config.train.deterministic, self.device)
-        for stale in self.output_dir.glob(".model_*.tmp"):  # a write that was killed midway
-            stale.unlink()
-            self.log(f"removed {stale.name}, left by an interrupted checkpoint write")
 
         self.train_set = build_dataset(config.data, train=True, check=True, log=self.log)
         self.train_set.report_dropped()
@@ -118,7 +131,8 @@ class Trainer:
                              f"{config.data.train.annotations} has {num_classes} categories "
                              "(leave model.num_classes unset to derive it)")
         config.model.num_classes = num_classes
-        save_config(config, self.output_dir / "config.yaml")
+        if self.dist.is_main:
+            save_config(config, self.output_dir / "config.yaml")
 
         backbone = config.model.backbone
         init_weights = config.model.weights if not resume else None
@@ -131,10 +145,22 @@ class Trainer:
             skipped = load_model_weights(model, init_weights, skip_mismatched=True)
             self.log(f"initialised from {init_weights}" + (
                 f"; re-initialised (shape differs): {', '.join(skipped)}" if skipped else ""))
+        if config.train.sync_bn and self.dist.world_size > 1:
+            if self.device.type != "cuda":
+                raise ValueError("train.sync_bn needs CUDA (SyncBatchNorm has no CPU kernel): set "
+                                 "train.sync_bn=false for CPU processes")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = use_fast_memory_format(model.to(self.device), self.device,
                                             config.model.channels_last)
+        # What the step runs: the DDP wrapper (gradients averaged over ranks) or the model itself.
+        # Evaluation and checkpoints use self.model, never the wrapper.
+        self.network: nn.Module = self.model
+        if self.dist.world_size > 1:
+            self.network = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.criterion = build_criterion(config, num_classes,
                                          self.train_set.class_counts()).to(self.device)
+        self.criterion.reduce_num_fg = all_reduce_mean
         self.optimizer = build_optimizer(config, self.model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda it: lr_factor(config, it))
@@ -167,18 +193,22 @@ class Trainer:
                                  label_to_cat_id=self.train_set.label_to_cat_id, device=self.device,
                                  channels_last=config.model.channels_last)
         from torch.utils.tensorboard import SummaryWriter
-        self.writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+        self.writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard")) \
+            if self.dist.is_main else _NoWriter()
 
     # ----------------------------------------------------------------------------------------
     def train(self) -> Optional[dict]:
         cfg = self.config.train
+        world = self.dist.world_size
         loader = build_train_loader(self.train_set, batch_size=cfg.batch_size,
                                     num_workers=self.config.data.num_workers, seed=cfg.seed,
                                     size_divisibility=self.config.data.size_divisibility,
-                                    start_position=self.samples_seen)
+                                    start_position=self.samples_seen, rank=self.dist.rank,
+                                    world_size=world)
+        processes = f" x {world} processes" if world > 1 else ""
         self.log(f"training {self.config.output_dir}: {len(self.train_set)} images, "
                  f"{self.model.num_classes} classes, iterations {self.iteration}..{cfg.max_iter}, "
-                 f"batch {cfg.batch_size}, device {self.device}")
+                 f"batch {cfg.batch_size}{processes}, device {self.device}")
         self.model.train()
         data_iter = iter(loader)
         start_time, window_time, window_images = time.perf_counter(), time.perf_counter(), 0
@@ -189,8 +219,8 @@ class Trainer:
             batch = next(data_iter).to(self.device, non_blocking=True)
             losses = self.step(batch)
             self.iteration += 1
-            self.samples_seen += len(batch.image_ids)
-            window_images += len(batch.image_ids)
+            self.samples_seen += len(batch.image_ids) * world
+            window_images += len(batch.image_ids) * world
             if losses is not None:
                 window_iters += 1
                 for key, value in losses.items():
@@ -222,7 +252,7 @@ class Trainer:
         Costs one host sync, the finiteness check."""
         saved_stats = [buf.clone() for buf in self._bn_buffers]
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
-            out = self.model(batch.images)
+            out = self.network(batch.images)
         # The loss runs in float32 whatever the forward's precision (see losses/focal.py).
         losses = self.criterion(out.cls_logits.float(), out.box_deltas.float(), out.anchors,
                                 batch.boxes, batch.labels)
@@ -235,7 +265,9 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self._params, clip) if clip else _grad_norm(self._params)
         # Under AMP an overflowing gradient is the scaler's business (it skips and lowers the scale).
         finite = torch.isfinite(total) & (torch.isfinite(grad_norm) | self.use_amp)
-        if not bool(finite):
+        # Every rank takes the same decision (DDP already shares non-finite gradients; a loss that
+        # is non-finite on one rank only would otherwise desynchronise the AMP scalers).
+        if not bool(all_reduce_max((~finite).float()) == 0):
             self._skip_step(batch, losses, grad_norm, saved_stats)
             with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose
                 warnings.simplefilter("ignore", UserWarning)
@@ -284,15 +316,17 @@ class Trainer:
     def evaluate(self, visualize: bool = False) -> dict:
         if self.val_set is None:
             raise ValueError("no validation set: set data.val.images and data.val.annotations")
+        broadcast_buffers(self.model)
         loader = build_test_loader(self.val_set, batch_size=self.config.eval.batch_size,
                                    num_workers=self.config.data.num_workers,
-                                   size_divisibility=self.config.data.size_divisibility)
+                                   size_divisibility=self.config.data.size_divisibility,
+                                   rank=self.dist.rank, world_size=self.dist.world_size)
         evaluator = Evaluator(self.val_set, loader, output_dir=self.output_dir / "eval",
                               max_dets=self.config.eval.max_dets)
         result = evaluator(self.detector.predict_batch, log=self.log)
         for name in METRIC_NAMES[:6]:
             self.writer.add_scalar(f"eval/{name}", result["metrics"][name], self.iteration)
-        if visualize:
+        if visualize and self.dist.is_main:
             write_visualizations(self.val_set, result["predictions"], self.output_dir / "vis",
                                  self.config.eval.num_vis_images, self.config.eval.vis_score_thresh)
         return result
@@ -301,10 +335,13 @@ class Trainer:
         """Writes a checkpoint atomically, then keeps only the newest train.keep_checkpoints
         periodic ones. Refuses (FloatingPointError) to write weights that are not finite."""
         path = self.output_dir / name
+        broadcast_buffers(self.model)
         state = self.model.state_dict()
         bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
             raise FloatingPointError(f"not writing {path}: non-finite values in {bad[:5]}")
+        if not self.dist.is_main:  # the weights are the same on every rank: rank 0 writes them
+            return path
         atomic_save({"model": state, "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                      "criterion": self.criterion.state_dict(), "iteration": self.iteration,
@@ -332,6 +369,16 @@ class Trainer:
         self.bad_steps = int(state.get("bad_steps", 0))
         set_rng_state(state["rng"])
         self.log(f"resumed from {path} at iteration {self.iteration}")
+
+
+class _NoWriter:
+    """Stands in for tensorboard's SummaryWriter on ranks other than 0."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def write_visualizations(dataset, predictions: dict, out_dir: Path, count: int, score_thresh: float) -> None:

@@ -5,7 +5,7 @@ images with many, few or no boxes share one pass.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -56,6 +56,9 @@ class RetinaNetCriterion(nn.Module):
         self.normalizer_momentum = normalizer_momentum
         # Detectron2's starting value: about the number of positives of a COCO image batch.
         self.register_buffer("normalizer_ema", torch.tensor(100.0), persistent=True)
+        # Under DDP: the mean of num_fg over ranks, so that N ranks x batch b normalise (and,
+        # with DDP's gradient averaging, train) like 1 process x batch N*b. Identity otherwise.
+        self.reduce_num_fg: Callable[[Tensor], Tensor] = lambda num_fg: num_fg
 
     def forward(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor,
                 gt_boxes: Sequence[Tensor], gt_labels: Sequence[Tensor]) -> dict[str, Tensor]:
@@ -95,7 +98,7 @@ class RetinaNetCriterion(nn.Module):
                 "num_fg": num_fg.detach()}
 
     def _normalizer(self, num_fg: Tensor) -> Tensor:
-        num_fg = num_fg.float()
+        num_fg = self.reduce_num_fg(num_fg.float())
         if self.normalizer_momentum > 0 and self.training:
             m = self.normalizer_momentum
             self.normalizer_ema.mul_(m).add_((1 - m) * num_fg.detach())

@@ -243,8 +243,12 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = 8
     max_dets: int = 100  # COCOeval's maxDets for AP (AR also reports 1 and 10)
-    num_vis_images: int = 4  # images written with drawn detections after evaluation
+    num_vis_images: int = 4  # images drawn with detections and ground truth (files and tensorboard)
     vis_score_thresh: float = 0.3
+    # pycocotools, or faster_coco_eval (C++, same 12 numbers to 1e-4; pip install -e .[fast-eval])
+    backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools"
+    pr_curves: bool = True  # eval/pr_curve_iou50.png and _iou75.png
+    val_loss: bool = False  # also compute the training loss on the validation set (tensorboard)
 
 
 @dataclass

@@ -69,12 +69,16 @@ class Detector:
                    label_to_cat_id=label_to_cat_id, device=device, channels_last=cfg.model.channels_last)
 
     @torch.no_grad()
-    def predict_batch(self, batch: Batch) -> list[dict[str, Tensor]]:
-        """A collated Batch -> per image {"boxes" (N, 4) xyxy in original pixels, "scores", "labels"}."""
+    def predict_batch(self, batch: Batch, on_outputs: Callable | None = None) -> list[dict[str, Tensor]]:
+        """A collated Batch -> per image {"boxes" (N, 4) xyxy in original pixels, "scores", "labels"}.
+        `on_outputs(RetinaNetOutput, batch)`, when given, sees the raw outputs first (the trainer's
+        validation loss)."""
         was_training = self.model.training
         self.model.eval()
         try:
             out = self.model(batch.images.to(self.device))
+            if on_outputs is not None:
+                on_outputs(out, batch)
             return self.postprocessor(out.cls_logits, out.box_deltas, out.anchors,
                                       out.num_anchors_per_level, batch.image_sizes, batch.orig_sizes)
         finally:

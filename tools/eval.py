@@ -31,8 +31,9 @@ def main() -> int:
                                num_workers=config.data.num_workers,
                                size_divisibility=config.data.size_divisibility)
     output = Path(args.output or Path(config.output_dir) / "eval")
-    result = Evaluator(dataset, loader, output_dir=output, max_dets=config.eval.max_dets)(
-        detector.predict_batch)
+    result = Evaluator(dataset, loader, output_dir=output, max_dets=config.eval.max_dets,
+                       backend=config.eval.backend, pr_curves=config.eval.pr_curves,
+                       progress=sys.stderr.isatty())(detector.predict_batch)
     write_visualizations(dataset, result["predictions"], output / "vis", config.eval.num_vis_images,
                          config.eval.vis_score_thresh)
     print(f"wrote {output / 'coco_results.json'} and {output / 'metrics.json'}")

@@ -16,6 +16,7 @@ from torchvision.ops import box_convert
 
 from ..data.coco import categories
 from .distributed import broadcast_from_main, gather_to_main
+from .pr_curves import save_pr_curves
 
 logger = logging.getLogger(__name__)
 
@@ -36,9 +37,36 @@ def to_coco_results(image_id: int, detections: dict, label_to_cat_id: dict[int, 
             for box, score, lab in zip(boxes, scores, labels) if lab in label_to_cat_id]
 
 
+BACKENDS = ("pycocotools", "faster_coco_eval")
+
+
+def _cocoeval(coco_gt: COCO, results: list[dict], backend: str):
+    """A COCOeval of `backend` over `results`, before evaluate(). faster-coco-eval (C++) is a
+    drop-in reimplementation; it needs its own COCO object, built from the same dataset dict."""
+    if backend == "pycocotools":
+        with contextlib.redirect_stdout(io.StringIO()):
+            return COCOeval(coco_gt, coco_gt.loadRes(results), iouType="bbox")
+    if backend != "faster_coco_eval":
+        raise ValueError(f"eval.backend must be one of {BACKENDS}, got {backend!r}")
+    try:
+        from faster_coco_eval import COCO as FasterCOCO
+        from faster_coco_eval import COCOeval_faster
+    except ImportError:
+        raise ValueError("eval.backend faster_coco_eval needs the faster-coco-eval package: "
+                         "pip install -e .[fast-eval]") from None
+    gt = FasterCOCO()
+    gt.dataset = coco_gt.dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt.createIndex()
+        return COCOeval_faster(gt, gt.loadRes(results), iouType="bbox", print_function=lambda *a: None)
+
+
 def coco_evaluate(coco_gt: COCO, results: list[dict], *, max_dets: int = 100,
-                  image_ids: Optional[Sequence[int]] = None) -> dict:
-    """Scores `results` against `coco_gt`. Returns {"metrics": {name: value}, "per_class": {name: AP}}.
+                  image_ids: Optional[Sequence[int]] = None, backend: str = "pycocotools") -> dict:
+    """Scores `results` against `coco_gt` with `backend` (pycocotools or faster_coco_eval, which
+    agree to 1e-4). Returns {"metrics": {name: value}, "per_class": {name: AP}, "summary": text,
+    "precision": (T=10 IoUs, R=101 recall points, K classes) array of area "all" at max_dets,
+    -1 where undefined, "class_names": K names}.
 
     maxDets for AP is `max_dets` (AR is reported at 1, 10 and max_dets). Zero detections are a valid
     result: every metric is 0 (pycocotools' loadRes cannot take an empty list).
@@ -46,10 +74,9 @@ def coco_evaluate(coco_gt: COCO, results: list[dict], *, max_dets: int = 100,
     class_names = dict(zip(*categories(coco_gt)))
     if not results:
         return {"metrics": {name: 0.0 for name in METRIC_NAMES},
-                "per_class": {name: 0.0 for name in class_names.values()}, "summary": ""}
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco_dt = coco_gt.loadRes(results)
-    evaluator = COCOeval(coco_gt, coco_dt, iouType="bbox")
+                "per_class": {name: 0.0 for name in class_names.values()}, "summary": "",
+                "precision": None, "class_names": list(class_names.values())}
+    evaluator = _cocoeval(coco_gt, results, backend)
     evaluator.params.maxDets = [1, 10, max_dets]
     if image_ids is not None:
         evaluator.params.imgIds = list(image_ids)
@@ -64,13 +91,15 @@ def coco_evaluate(coco_gt: COCO, results: list[dict], *, max_dets: int = 100,
     stats[0] = float(all_ap[all_ap > -1].mean()) if (all_ap > -1).any() else -1.0
     # pycocotools reports -1 for a size bucket without ground truth; keep that meaning.
     metrics = {name: float(v) for name, v in zip(METRIC_NAMES, stats)}
-    precision = evaluator.eval["precision"]  # (T iou, R recall, K class, A area, M maxdets)
+    precision = np.asarray(evaluator.eval["precision"])  # (T iou, R recall, K class, A area, M maxdets)
     per_class = {}
     for k, cat_id in enumerate(evaluator.params.catIds):
         values = precision[:, :, k, 0, -1]
         values = values[values > -1]
         per_class[class_names[cat_id]] = float(values.mean()) if values.size else float("nan")
-    return {"metrics": metrics, "per_class": per_class, "summary": _summary_text(metrics, max_dets)}
+    return {"metrics": metrics, "per_class": per_class, "summary": _summary_text(metrics, max_dets),
+            "precision": precision[:, :, :, 0, -1],
+            "class_names": [class_names[c] for c in evaluator.params.catIds]}
 
 
 def _summary_text(metrics: dict, max_dets: int) -> str:
@@ -112,17 +141,23 @@ class Evaluator:
     all ranks return the scores, and rank 0 alone the predictions."""
 
     def __init__(self, dataset, loader: Iterable, *, output_dir: str | Path | None = None,
-                 max_dets: int = 100):
+                 max_dets: int = 100, backend: str = "pycocotools", pr_curves: bool = True,
+                 progress: bool = False):
         self.dataset, self.loader = dataset, loader
         self.output_dir = Path(output_dir) if output_dir else None
-        self.max_dets = max_dets
+        self.max_dets, self.backend, self.pr_curves = max_dets, backend, pr_curves
+        self.progress = progress
 
     @torch.no_grad()
     def __call__(self, predict: Callable, *, log: Callable[[str], None] = print) -> dict:
         results: list[dict] = []
         predictions: dict[int, dict] = {}
         num_detections = 0
-        for batch in self.loader:
+        batches = self.loader
+        if self.progress:
+            from tqdm import tqdm
+            batches = tqdm(self.loader, desc="evaluating", unit="batch", leave=False, dynamic_ncols=True)
+        for batch in batches:
             for image_id, detections in zip(batch.image_ids, predict(batch)):
                 results += to_coco_results(image_id, detections, self.dataset.label_to_cat_id)
                 num_detections += len(detections["labels"])
@@ -143,13 +178,16 @@ class Evaluator:
             log(f"{num_detections - len(results)} of {num_detections} detections have a label that "
                 "is no category of the dataset (\"N/A\" outputs) and are not scored")
         result = coco_evaluate(self.dataset.coco, results, max_dets=self.max_dets,
-                               image_ids=self.dataset.image_ids)
+                               image_ids=self.dataset.image_ids, backend=self.backend)
+        if self.output_dir and self.pr_curves and result["precision"] is not None:
+            save_pr_curves(result["precision"], result["class_names"], self.output_dir)
         if self.output_dir:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "coco_results.json").write_text(json.dumps(results))
             (self.output_dir / "metrics.json").write_text(json.dumps(
                 {"metrics": result["metrics"], "per_class": result["per_class"],
-                 "max_dets": self.max_dets, "num_detections": len(results)}, indent=2))
+                 "max_dets": self.max_dets, "num_detections": len(results),
+                 "backend": self.backend}, indent=2))
         log(format_report(result, self.max_dets))
         broadcast_from_main(result)
         result["predictions"] = predictions

@@ -7,6 +7,7 @@ import logging
 import math
 import os
 import random
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -23,7 +24,7 @@ from ..losses import build_box_coder, build_criterion
 from ..model import build_model, use_fast_memory_format
 from ..postprocess import build_postprocessor
 from ..data.transforms import build_transform
-from ..visualize import save_detections
+from ..visualize import draw_detections
 from .checkpoint import (atomic_save, latest_checkpoint, load_checkpoint, load_model_weights, rng_state,
                          set_rng_state)
 from .distributed import (all_reduce_max, all_reduce_mean, barrier, broadcast_buffers,
@@ -113,7 +114,9 @@ class Trainer:
         self.dist = init_distributed(self.device, config.train.dist_timeout_s)
         if self.device.type == "cuda" and self.dist.world_size > 1:
             self.device = torch.device("cuda", self.dist.local_rank)
-        self.log = log if self.dist.is_main else (lambda message: None)
+        self._bar = None  # tqdm progress bar while training at a terminal
+        self._user_log = log
+        self.log = self._emit if self.dist.is_main else (lambda message: None)
         self.output_dir = Path(config.output_dir)
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -196,6 +199,12 @@ class Trainer:
         self.writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard")) \
             if self.dist.is_main else _NoWriter()
 
+    def _emit(self, message: str) -> None:
+        if self._bar is not None and self._user_log is print:
+            self._bar.write(message)  # above the bar, which stays at the bottom
+        else:
+            self._user_log(message)
+
     # ----------------------------------------------------------------------------------------
     def train(self) -> Optional[dict]:
         cfg = self.config.train
@@ -214,10 +223,16 @@ class Trainer:
         start_time, window_time, window_images = time.perf_counter(), time.perf_counter(), 0
         start_iter = self.iteration
         sums: dict[str, torch.Tensor] = {}
-        window_iters = 0
+        window_iters, window_data_time = 0, 0.0
+        self._bar = _progress_bar(self.dist.is_main, total=cfg.max_iter, initial=self.iteration,
+                                  desc="training", unit="it")
         while self.iteration < cfg.max_iter:
+            fetch_start = time.perf_counter()
             batch = next(data_iter).to(self.device, non_blocking=True)
+            window_data_time += time.perf_counter() - fetch_start  # time the step waited for data
             losses = self.step(batch)
+            if self._bar is not None:
+                self._bar.update(1)
             self.iteration += 1
             self.samples_seen += len(batch.image_ids) * world
             window_images += len(batch.image_ids) * world
@@ -229,10 +244,11 @@ class Trainer:
             if self.iteration % cfg.log_period == 0 or self.iteration == cfg.max_iter:
                 now = time.perf_counter()
                 means = {k: float(v) / max(window_iters, 1) for k, v in sums.items()}  # one sync a window
-                sums, window_iters = {}, 0
+                data_time = window_data_time / max(1, window_images // max(1, world * cfg.batch_size))
+                sums, window_iters, window_data_time = {}, 0, 0.0
                 ips = window_images / max(now - window_time, 1e-9)
                 eta = (now - start_time) / (self.iteration - start_iter) * (cfg.max_iter - self.iteration)
-                self._log_step(means, ips, eta)
+                self._log_step(means, ips, eta, data_time)
                 window_time, window_images = now, 0
             if cfg.checkpoint_period and self.iteration % cfg.checkpoint_period == 0 \
                     and self.iteration < cfg.max_iter:
@@ -240,6 +256,9 @@ class Trainer:
             if cfg.eval_period and self.iteration % cfg.eval_period == 0 and self.iteration < cfg.max_iter:
                 self.evaluate()
                 self.model.train()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
         self.save("model_final.pth")
         self.log(f"training done in {datetime.timedelta(seconds=int(time.perf_counter() - start_time))}")
         result = self.evaluate(visualize=True) if self.val_set is not None else None
@@ -298,8 +317,10 @@ class Trainer:
                 f"iteration {iteration}, image ids {batch.image_ids}); stopping. Check the data with "
                 "tools/check_dataset.py, lower train.optimizer.lr or set train.clip_grad_norm")
 
-    def _log_step(self, means: dict[str, float], images_per_sec: float, eta: float) -> None:
+    def _log_step(self, means: dict[str, float], images_per_sec: float, eta: float,
+                  data_time: float = 0.0) -> None:
         lr = self.optimizer.param_groups[0]["lr"]
+        self.writer.add_scalar("train/data_time", data_time, self.iteration)
         if not means:
             self.log(f"iter {self.iteration:>6}/{self.config.train.max_iter}  every step since the "
                      "last line was skipped")
@@ -308,9 +329,12 @@ class Trainer:
             self.writer.add_scalar(f"train/{key}", value, self.iteration)
         self.writer.add_scalar("train/lr", lr, self.iteration)
         self.writer.add_scalar("train/images_per_sec", images_per_sec, self.iteration)
+        if self._bar is not None:  # the bar shows progress and ETA; the losses ride along
+            self._bar.set_postfix(loss=f"{means['loss']:.4f}", lr=f"{lr:.5f}", refresh=False)
         self.log(f"iter {self.iteration:>6}/{self.config.train.max_iter}  loss {means['loss']:.4f} "
                  f"(cls {means['loss_cls']:.4f} box {means['loss_box']:.4f})  lr {lr:.5f}  "
-                 f"{images_per_sec:5.1f} img/s  eta {datetime.timedelta(seconds=int(eta))}")
+                 f"{images_per_sec:5.1f} img/s  data {1000 * data_time:.0f} ms  "
+                 f"eta {datetime.timedelta(seconds=int(eta))}")
 
     # ----------------------------------------------------------------------------------------
     def evaluate(self, visualize: bool = False) -> dict:
@@ -321,14 +345,51 @@ class Trainer:
                                    num_workers=self.config.data.num_workers,
                                    size_divisibility=self.config.data.size_divisibility,
                                    rank=self.dist.rank, world_size=self.dist.world_size)
+        ev = self.config.eval
         evaluator = Evaluator(self.val_set, loader, output_dir=self.output_dir / "eval",
-                              max_dets=self.config.eval.max_dets)
-        result = evaluator(self.detector.predict_batch, log=self.log)
+                              max_dets=ev.max_dets, backend=ev.backend, pr_curves=ev.pr_curves,
+                              progress=self._bar is None and _interactive() and self.dist.is_main)
+        val_losses: dict[str, torch.Tensor] = {}
+
+        def add_val_loss(out, batch) -> None:
+            # The training loss on validation images (eval mode: BatchNorm uses its statistics).
+            losses = self.criterion(out.cls_logits.float(), out.box_deltas.float(), out.anchors,
+                                    [b.to(self.device) for b in batch.boxes],
+                                    [lab.to(self.device) for lab in batch.labels])
+            for key in ("loss_cls", "loss_box"):
+                val_losses[key] = val_losses.get(key, 0) + losses[key].detach() * len(batch.image_ids)
+            val_losses["images"] = val_losses.get("images", 0) + len(batch.image_ids)
+
+        def predict(batch):
+            return self.detector.predict_batch(batch, on_outputs=add_val_loss if ev.val_loss else None)
+
+        self.criterion.eval()
+        reduce_num_fg, self.criterion.reduce_num_fg = self.criterion.reduce_num_fg, (lambda n: n)
+        try:  # per-rank normaliser here: ranks run different numbers of validation batches
+            result = evaluator(predict, log=self.log)
+        finally:
+            self.criterion.reduce_num_fg = reduce_num_fg
+            self.criterion.train()
         for name in METRIC_NAMES[:6]:
             self.writer.add_scalar(f"eval/{name}", result["metrics"][name], self.iteration)
-        if visualize and self.dist.is_main:
-            write_visualizations(self.val_set, result["predictions"], self.output_dir / "vis",
-                                 self.config.eval.num_vis_images, self.config.eval.vis_score_thresh)
+        for name, ap in result["per_class"].items():
+            self.writer.add_scalar(f"eval_per_class/AP/{name}", ap, self.iteration)
+        if ev.val_loss:
+            totals = torch.stack([torch.as_tensor(val_losses.get(k, 0.0), dtype=torch.float32,
+                                                  device=self.device).reshape(())
+                                  for k in ("loss_cls", "loss_box", "images")])
+            totals = all_reduce_mean(totals)  # sums over ranks / world: the ratio is unchanged
+            loss_cls, loss_box = (totals[:2] / totals[2].clamp(min=1)).tolist()
+            result["val_loss"] = {"loss_cls": loss_cls, "loss_box": loss_box, "loss": loss_cls + loss_box}
+            for key, value in result["val_loss"].items():
+                self.writer.add_scalar(f"val/{key}", value, self.iteration)
+            self.log(f"validation loss {loss_cls + loss_box:.4f} (cls {loss_cls:.4f} box {loss_box:.4f})")
+        if self.dist.is_main:
+            drawn = write_visualizations(self.val_set, result["predictions"],
+                                         self.output_dir / "vis" if visualize else None,
+                                         ev.num_vis_images, ev.vis_score_thresh)
+            for image_id, image in drawn:  # every evaluation: predictions (colour) and truth (white)
+                self.writer.add_image(f"val_images/{image_id}", image, self.iteration, dataformats="HWC")
         return result
 
     def save(self, name: str) -> Path:
@@ -381,14 +442,36 @@ class _NoWriter:
         pass
 
 
-def write_visualizations(dataset, predictions: dict, out_dir: Path, count: int, score_thresh: float) -> None:
-    """Draws the first `count` images of `dataset` with their detections above `score_thresh`."""
+def write_visualizations(dataset, predictions: dict, out_dir: Optional[Path], count: int,
+                         score_thresh: float) -> list[tuple[int, np.ndarray]]:
+    """Draws the first `count` images of `dataset` with their detections above `score_thresh`
+    and their ground truth; writes them to out_dir/<image id>.png when out_dir is given.
+    Returns [(image_id, (H, W, 3) uint8 drawing)]."""
+    drawn = []
     for image_id in dataset.image_ids[:count]:
         det = predictions.get(image_id)
         if det is None:
             continue
         keep = det["scores"] >= score_thresh
         gt_boxes, _ = dataset.targets(image_id)
-        save_detections(out_dir / f"{image_id}.png", dataset.read_image(image_id),
-                        det["boxes"][keep].numpy(), det["labels"][keep].tolist(),
-                        det["scores"][keep].tolist(), dataset.class_names, gt_boxes=gt_boxes)
+        image = draw_detections(dataset.read_image(image_id), det["boxes"][keep].numpy(),
+                                det["labels"][keep].tolist(), det["scores"][keep].tolist(),
+                                dataset.class_names, gt_boxes=gt_boxes)
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            image.save(Path(out_dir) / f"{image_id}.png")
+        drawn.append((image_id, np.asarray(image)))
+    return drawn
+
+
+def _interactive() -> bool:
+    """Progress bars only for a person at a terminal: not in CI logs or redirected output."""
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+def _progress_bar(is_main: bool, **kwargs):
+    """A tqdm bar on rank 0 at a terminal, else None (one log line per log_period instead)."""
+    if not (is_main and _interactive()):
+        return None
+    from tqdm import tqdm
+    return tqdm(dynamic_ncols=True, **kwargs)

@@ -27,11 +27,11 @@ class ConfigError(ValueError):
 # --------------------------------------------------------------------------------------------
 @dataclass
 class BackboneConfig:
-    depth: Literal[18, 34, 50, 101] = 50
+    depth: Literal[18, 34, 50, 101] = 50  # ResNet depth (torchvision's implementation)
     # frozen_bn: BatchNorm with fixed statistics and affine (for pretrained weights);
     # bn: ordinary trainable BatchNorm (training from scratch); gn: GroupNorm(32).
     norm: Literal["frozen_bn", "bn", "gn"] = "frozen_bn"
-    norm_eps: float = 1e-5
+    norm_eps: float = 1e-5  # epsilon of the backbone's normalisation (torchvision's v1 COCO weights: 0)
     # Stages frozen from the input side: 0 = none, 1 = stem, 2 = stem + res2, ... 5 = all.
     freeze_at: int = 2
     # Local path of a torchvision ImageNet ResNet state dict; None = random init. Never downloaded.
@@ -40,25 +40,27 @@ class BackboneConfig:
 
 @dataclass
 class FPNConfig:
-    channels: int = 256
+    channels: int = 256  # width of P3-P7 and of the heads
     # Where P6 is computed from: "c5" (the RetinaNet paper, detectron2) or "p5" (torchvision v1).
     p6_from: Literal["c5", "p5"] = "c5"
 
 
 @dataclass
 class HeadConfig:
-    num_convs: int = 4
-    norm: Literal["none", "gn"] = "none"
-    gn_groups: int = 32
-    prior_prob: float = 0.01
+    num_convs: int = 4  # 3x3 conv + ReLU layers in each subnet before its output conv
+    norm: Literal["none", "gn"] = "none"  # normalisation in the subnets (gn: GroupNorm, as torchvision v2)
+    gn_groups: int = 32  # GroupNorm groups when norm is gn
+    prior_prob: float = 0.01  # initial foreground probability of every anchor (classifier bias)
 
 
 @dataclass
 class AnchorConfig:
     # One base size per pyramid level (P3..P7), multiplied by each octave scale.
     sizes: list[float] = field(default_factory=lambda: [32.0, 64.0, 128.0, 256.0, 512.0])
+    # Multipliers of each level's size.
     octave_scales: list[float] = field(default_factory=lambda: [1.0, 2 ** (1 / 3), 2 ** (2 / 3)])
     aspect_ratios: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # height / width
+    # Strides of P3..P7 (fixed by the network).
     strides: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128])
     # Anchor centres sit at (i + offset) * stride.
     offset: float = 0.0
@@ -75,23 +77,23 @@ class AnchorConfig:
 
 @dataclass
 class MatcherConfig:
-    fg_iou: float = 0.5
-    bg_iou: float = 0.4
-    allow_low_quality: bool = True
+    fg_iou: float = 0.5  # IoU at or above which an anchor is positive
+    bg_iou: float = 0.4  # IoU below which an anchor is background; in between: ignored
+    allow_low_quality: bool = True  # also make each box's best anchors positive
 
 
 @dataclass
 class BoxCoderConfig:
-    weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
+    weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])  # divisors of (dx, dy, dw, dh)
     # Upper bound of dw, dh before exp(): log(1000 / 16), as in torchvision and detectron2.
     clamp: float = math.log(1000.0 / 16)
 
 
 @dataclass
 class PostprocessConfig:
-    score_thresh: float = 0.05
+    score_thresh: float = 0.05  # detections below are dropped (0.05: the COCO evaluation setting)
     topk_candidates: int = 1000  # per level and image, after the score threshold
-    nms_thresh: float = 0.5
+    nms_thresh: float = 0.5  # IoU of per-class NMS
     max_detections: int = 100  # per image
 
 
@@ -125,20 +127,20 @@ class ClsLossConfig:
     gamma: float = 2.0  # focal, softmax_focal
     label_smoothing: float = 0.0  # focal, bce (towards 0.5), softmax_focal (towards 1/(K+1))
     ghm_bins: int = 30  # the GHM paper's setting (with momentum 0.75)
-    ghm_momentum: float = 0.75
+    ghm_momentum: float = 0.75  # EMA of the gradient-density histogram
     ohem_neg_pos_ratio: float = 3.0  # hard negatives kept per positive, per image
     ohem_min_negatives: int = 16  # per image, so images without boxes still teach background
     # Class-balanced weighting by effective number (Cui et al. 2019), on top of any type:
     # positives of class k are weighted by (1 - beta) / (1 - beta^n_k); None disables it.
     class_balance_beta: Optional[float] = None
-    weight: float = 1.0
+    weight: float = 1.0  # multiplier of the classification loss
 
 
 @dataclass
 class BoxLossConfig:
-    type: Literal["smooth_l1", "l1", "giou"] = "smooth_l1"
+    type: Literal["smooth_l1", "l1", "giou"] = "smooth_l1"  # box regression loss
     beta: float = 0.1  # smooth-L1 transition point; 0 means plain L1
-    weight: float = 1.0
+    weight: float = 1.0  # multiplier of the box loss
 
 
 @dataclass
@@ -152,17 +154,17 @@ class LossConfig:
 
 @dataclass
 class DatasetConfig:
-    images: str = ""
-    annotations: str = ""
+    images: str = ""  # image folder
+    annotations: str = ""  # COCO instances json
 
 
 @dataclass
 class ColorJitterConfig:
     prob: float = 0.0  # 0 disables it
-    brightness: float = 0.2
-    contrast: float = 0.2
-    saturation: float = 0.2
-    hue: float = 0.02
+    brightness: float = 0.2  # max relative change
+    contrast: float = 0.2  # max relative change
+    saturation: float = 0.2  # max relative change
+    hue: float = 0.02  # max hue shift (fraction of the colour circle)
 
 
 @dataclass
@@ -172,14 +174,14 @@ class DataConfig:
     # Training resizes the shortest side to one of min_size (drawn per image: multi-scale when
     # several) with the longest side at most max_size; evaluation uses test_min_size.
     min_size: list[int] = field(default_factory=lambda: [800])
-    max_size: int = 1333
-    test_min_size: int = 800
-    test_max_size: int = 1333
-    hflip_prob: float = 0.5
+    max_size: int = 1333  # longest side bound in training
+    test_min_size: int = 800  # shortest side at evaluation and inference
+    test_max_size: int = 1333  # longest side bound at evaluation and inference
+    hflip_prob: float = 0.5  # horizontal flip probability in training
     color_jitter: ColorJitterConfig = field(default_factory=ColorJitterConfig)
     # Mean and std of [0, 1] RGB input.
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # of [0, 1] RGB input
     # Batches are padded to a multiple of this (128 keeps the P7 grid aligned with its stride).
     size_divisibility: int = 128
     # An image file that cannot be read is an error naming it; true: it is skipped and counted
@@ -189,42 +191,42 @@ class DataConfig:
     # in sorted order (K outputs). category_id: label k is category id k (max id + 1 outputs, the
     # unused ones named "N/A"), the convention of torchvision's COCO models (91 outputs).
     label_map: Literal["contiguous", "category_id"] = "contiguous"
-    num_workers: int = 2
+    num_workers: int = 2  # DataLoader worker processes (0: load in the main process)
 
 
 @dataclass
 class OptimizerConfig:
-    type: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.01
+    type: Literal["sgd", "adamw"] = "sgd"  # optimizer
+    lr: float = 0.01  # base learning rate (for the total batch; see the README's scaling rule)
     momentum: float = 0.9  # SGD only
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW only
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-4  # on conv and linear weights
     # Weight decay on norm layers and biases; 0 is the usual choice for AdamW.
     weight_decay_norm: float = 0.0
 
 
 @dataclass
 class SchedulerConfig:
-    type: Literal["multistep", "cosine"] = "multistep"
+    type: Literal["multistep", "cosine"] = "multistep"  # LR schedule after the warm-up
     steps: list[int] = field(default_factory=lambda: [60000, 80000])  # multistep only
     gamma: float = 0.1  # multistep only
     min_lr_factor: float = 0.0  # cosine only: final LR = lr * min_lr_factor
-    warmup_iters: int = 1000
+    warmup_iters: int = 1000  # linear warm-up length
     warmup_factor: float = 0.001  # LR at iteration 0 = lr * warmup_factor, then linear
 
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 16
-    max_iter: int = 90000
+    batch_size: int = 16  # images per step and per process (total = processes x batch_size)
+    max_iter: int = 90000  # optimisation steps
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     clip_grad_norm: Optional[float] = None  # None: no clipping
     amp: bool = False  # mixed precision, CUDA only
-    seed: int = 42
+    seed: int = 42  # model init, data order and augmentation
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    log_period: int = 20
-    checkpoint_period: int = 5000
+    log_period: int = 20  # iterations between log lines and tensorboard points
+    checkpoint_period: int = 5000  # iterations between checkpoints (0: only model_final.pth)
     keep_checkpoints: int = 3  # periodic checkpoints kept (the newest); model_final.pth always stays
     eval_period: int = 0  # 0: evaluate only at the end
     # A step whose loss or gradient is not finite is skipped (weights and BatchNorm statistics
@@ -233,7 +235,7 @@ class TrainConfig:
     # torchrun only: SyncBatchNorm across processes for trainable BatchNorm (CUDA), and the
     # timeout of every collective, after which a job with a dead or stuck rank stops with an error.
     sync_bn: bool = False
-    dist_timeout_s: float = 1800.0
+    dist_timeout_s: float = 1800.0  # seconds
     # Deterministic algorithms (torch.use_deterministic_algorithms, no cuDNN autotuning): with
     # the same seed and thread count, runs and resumed runs give bit-identical weights.
     deterministic: bool = False
@@ -241,10 +243,10 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 8
+    batch_size: int = 8  # images per evaluation batch
     max_dets: int = 100  # COCOeval's maxDets for AP (AR also reports 1 and 10)
     num_vis_images: int = 4  # images drawn with detections and ground truth (files and tensorboard)
-    vis_score_thresh: float = 0.3
+    vis_score_thresh: float = 0.3  # score above which drawn images show a detection
     # pycocotools, or faster_coco_eval (C++, same 12 numbers to 1e-4; pip install -e .[fast-eval])
     backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools"
     pr_curves: bool = True  # eval/pr_curve_iou50.png and _iou75.png
@@ -253,7 +255,7 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    output_dir: str = "runs/default"
+    output_dir: str = "runs/default"  # run folder: config, checkpoints, tensorboard, eval
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -99,11 +99,13 @@ def test_saved_config_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["shapes_R18.yaml", "retinanet_R50_FPN_1x_coco.yaml",
+                                  "retinanet_R50_FPN_3x_coco.yaml", "retinanet_R101_FPN_1x_coco.yaml",
+                                  "retinanet_R101_FPN_3x_coco.yaml", "retinanet_R50_FPN_v2style_3x_coco.yaml",
                                   "torchvision/retinanet_resnet50_fpn.yaml",
                                   "torchvision/retinanet_resnet50_fpn_v2.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(REPO_ROOT / "configs" / name)
-    assert cfg.model.backbone.depth in (18, 50)
+    assert cfg.model.backbone.depth in (18, 50, 101)
 
 
 def test_published_1x_recipe():

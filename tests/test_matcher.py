@@ -60,3 +60,17 @@ def test_low_quality_anchor_goes_to_the_box_it_is_best_for():
     result = match([gts])[0]
     assert result.tolist() == [0, 0, 1, 0, 0, IGNORE, BACKGROUND]
     assert (result == 1).sum() == 1
+
+
+def test_chunked_iou_gives_the_same_matches():
+    g = torch.Generator().manual_seed(3)
+    anchors = torch.rand(5000, 2, generator=g) * 200
+    anchors = torch.cat([anchors, anchors + 4 + torch.rand(5000, 2, generator=g) * 60], dim=1)
+    xy = torch.rand(3, 40, 2, generator=g) * 200
+    boxes = torch.cat([xy, xy + 2 + torch.rand(3, 40, 2, generator=g) * 80], dim=2)
+    valid = torch.rand(3, 40, generator=g) > 0.2
+    for low_quality in (True, False):
+        whole = Matcher(allow_low_quality=low_quality)(anchors, boxes, valid)
+        chunked = Matcher(allow_low_quality=low_quality, max_iou_elements=3 * 40 * 333)(anchors, boxes, valid)
+        assert torch.equal(whole, chunked)
+        assert (whole >= 0).sum() > 50  # a meaningful case

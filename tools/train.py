@@ -20,6 +20,7 @@ def main() -> int:
     parser.add_argument("--resume", default=None,
                         help="checkpoint to resume from, or 'auto' for the latest in output_dir")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines appear as they happen, also in a pipe
     from retinanet.config import load_config
     from retinanet.engine.trainer import Trainer
 

@@ -1,7 +1,7 @@
 """Model package: `build_model(model_config, num_classes)` wires the parts from a config."""
 from __future__ import annotations
 
-from ..config import ModelConfig
+from ..config import AnchorConfig, ModelConfig
 from .anchors import AnchorGenerator
 from .backbone import ResNetBackbone
 from .fpn import FPN
@@ -9,7 +9,15 @@ from .head import RetinaHead
 from .retinanet import RetinaNet, RetinaNetOutput, use_fast_memory_format
 
 __all__ = ["AnchorGenerator", "FPN", "ResNetBackbone", "RetinaHead", "RetinaNet",
-           "RetinaNetOutput", "build_model", "use_fast_memory_format"]
+           "RetinaNetOutput", "build_anchor_generator", "build_model", "use_fast_memory_format"]
+
+
+def build_anchor_generator(cfg: AnchorConfig) -> AnchorGenerator:
+    """The anchors of the config's model.anchors section."""
+    return AnchorGenerator(sizes=cfg.sizes, octave_scales=cfg.octave_scales,
+                           aspect_ratios=cfg.aspect_ratios, strides=cfg.strides, offset=cfg.offset,
+                           round_base=cfg.round_base, level_sizes=cfg.level_sizes,
+                           stride_from_image=cfg.torchvision_strides)
 
 
 def build_model(cfg: ModelConfig, num_classes: int, *, load_backbone_weights: bool = True) -> RetinaNet:
@@ -18,11 +26,7 @@ def build_model(cfg: ModelConfig, num_classes: int, *, load_backbone_weights: bo
                               norm_eps=cfg.backbone.norm_eps, freeze_at=cfg.backbone.freeze_at)
     if cfg.backbone.weights and load_backbone_weights:
         backbone.load_torchvision_weights(cfg.backbone.weights)
-    anchors = AnchorGenerator(sizes=cfg.anchors.sizes, octave_scales=cfg.anchors.octave_scales,
-                              aspect_ratios=cfg.anchors.aspect_ratios, strides=cfg.anchors.strides,
-                              offset=cfg.anchors.offset, round_base=cfg.anchors.round_base,
-                              level_sizes=cfg.anchors.level_sizes,
-                              stride_from_image=cfg.anchors.torchvision_strides)
+    anchors = build_anchor_generator(cfg.anchors)
     fpn = FPN(in_channels=backbone.out_channels, channels=cfg.fpn.channels, p6_from=cfg.fpn.p6_from)
     head = RetinaHead(channels=cfg.fpn.channels, num_anchors=anchors.num_anchors,
                       num_classes=num_classes, num_convs=cfg.head.num_convs, norm=cfg.head.norm,

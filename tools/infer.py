@@ -1,0 +1,78 @@
+"""Detect objects in image files and draw them:
+
+    python tools/infer.py --config configs/X.yaml --weights W.pth --input IMAGE|FOLDER|'GLOB' \\
+        --output DIR [--score 0.3] [--batch-size N] [--skip-bad] [key=value ...]
+
+Writes DIR/<image stem>.png with the detections of score >= --score drawn (boxes, class names,
+scores) and DIR/detections.json: a COCO instances file ("images" with id = index in the input
+order and file_name relative to the input folder, "categories", "annotations" with bbox
+[x, y, w, h] rounded to 2 decimals and score), whose "annotations" list is also a COCO results
+list. A folder is read without recursion; quote a glob ('photos/**/*.jpg' recurses). The model
+itself keeps detections above model.postprocess.score_thresh (and at most
+model.postprocess.max_detections per image); --score filters those. Exit code 2: bad config,
+no matching input, or an unreadable image (named; --skip-bad skips and counts them instead).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from retinanet.cli import config_parser, run_cli  # noqa: E402
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def main() -> int:
+    parser = config_parser(__doc__)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--weights", required=True, help="checkpoint or state dict (.pth)")
+    parser.add_argument("--input", required=True, help="an image file, a folder of images or a quoted glob")
+    parser.add_argument("--output", required=True, help="folder for the drawn images and detections.json")
+    parser.add_argument("--score", type=float, default=0.3,
+                        help="keep (draw and write) detections with score >= this (default 0.3)")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help="images per forward pass (default: eval.batch_size of the config)")
+    parser.add_argument("--skip-bad", action="store_true",
+                        help="skip unreadable images with a counted warning instead of stopping")
+    args = parser.parse_args()
+    # Imported only now: a usage error should not wait for torch.
+    from retinanet.inference import expand_inputs
+
+    files, root = expand_inputs(args.input)  # before loading the model: a typo fails at once
+    from retinanet import Detector
+    from retinanet.config import load_config
+    from retinanet.inference import infer_files
+
+    config = load_config(args.config, args.overrides)
+    detector = Detector.from_config(config, weights=args.weights)
+    summary = infer_files(detector, files, root, args.output, score_thresh=args.score,
+                          batch_size=args.batch_size or config.eval.batch_size, skip_bad=args.skip_bad)
+    output = Path(args.output)
+
+    model_thresh = config.model.postprocess.score_thresh
+    skipped = f", {len(summary.skipped)} unreadable skipped" if summary.skipped else ""
+    print(f"{summary.num_images} images{skipped}: {summary.num_detections} detections above the "
+          f"model's score_thresh {model_thresh}, {summary.num_kept} kept with score >= {args.score}")
+    if summary.num_uncategorised:
+        print(f"left out {summary.num_uncategorised} detections of labels that have no dataset category")
+    if args.score < model_thresh:
+        print(f"note: --score {args.score} is below model.postprocess.score_thresh {model_thresh}, so "
+              f"nothing under {model_thresh} exists to keep; lower it with "
+              f"model.postprocess.score_thresh={args.score}")
+    per_class = ", ".join(f"{name} {count}" for name, count in summary.kept_per_class.items() if count)
+    if per_class:
+        print(f"kept per class: {per_class}")
+    print(f"wrote {summary.num_images} images and {output / 'detections.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

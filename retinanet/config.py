@@ -184,6 +184,9 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])  # of [0, 1] RGB input
     # Batches are padded to a multiple of this (128 keeps the P7 grid aligned with its stride).
     size_divisibility: int = 128
+    # Batches of landscape-only or portrait-only images (less padding; detectron2's and
+    # torchvision's aspect-ratio grouping with two groups). The data order then depends on it.
+    aspect_ratio_grouping: bool = False
     # An image file that cannot be read is an error naming it; true: it is skipped and counted
     # (missing files are left out when training starts, unreadable ones replaced when met).
     skip_bad_images: bool = False

@@ -124,3 +124,23 @@ def test_train_pipeline_is_seeded():
 
     assert draws(5) == draws(5)
     assert draws(5) != draws(6)
+
+
+def test_aspect_ratio_grouped_stream_shards_and_resumes():
+    from retinanet.data.loader import InfiniteSampler
+    groups = [i % 3 == 0 for i in range(50)]  # 17 portrait, 33 landscape
+    take = lambda sampler, n: [next(it) for it in [iter(sampler)] for _ in range(n)]  # noqa: E731
+    single = take(InfiniteSampler(50, 7, batch_size=6, group_ids=groups), 120)  # over 2 epochs
+    for start in range(0, 120, 6):  # every global batch is of one group
+        assert len({groups[i] for i, _ in single[start:start + 6]}) == 1
+    assert [p for _, p in single] == list(range(120))
+    # 2 ranks x batch 3 see the same global batches, each rank its half
+    ranks = [take(InfiniteSampler(50, 7, rank=r, world_size=2, batch_size=3, group_ids=groups), 60)
+             for r in (0, 1)]
+    merged = sorted(ranks[0] + ranks[1], key=lambda pair: pair[1])
+    assert merged == single
+    # a resumed stream continues exactly
+    assert take(InfiniteSampler(50, 7, start=42, batch_size=6, group_ids=groups), 30) == single[42:72]
+    # without grouping every index appears once per epoch
+    plain = take(InfiniteSampler(50, 7, batch_size=6), 50)
+    assert sorted(i for i, _ in plain) == list(range(50))

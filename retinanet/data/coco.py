@@ -154,6 +154,12 @@ class CocoDetection(Dataset):
         all_labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         return np.bincount(all_labels, minlength=self.num_classes).tolist()
 
+    def aspect_groups(self) -> list[int]:
+        """Per dataset index: 0 for landscape or square images (width >= height), 1 for portrait,
+        from the json's sizes (for aspect-ratio grouped batches)."""
+        return [0 if self.coco.imgs[i]["width"] >= self.coco.imgs[i]["height"] else 1
+                for i in self.image_ids]
+
     def report_dropped(self) -> int:
         """Logs (once) and returns how many degenerate annotations were dropped."""
         if self._dropped:

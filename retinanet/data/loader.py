@@ -66,24 +66,52 @@ class InfiniteSampler(Sampler[tuple[int, int]]):
     Under distributed training global batch i is positions [i*W*b, (i+1)*W*b) for W ranks of
     batch b; rank r takes its b-long slice r, so W ranks x batch b see exactly the images (and
     augmentations) that 1 process x batch W*b sees.
+
+    With `group_ids` (one per dataset index, e.g. landscape 0 / portrait 1: aspect-ratio
+    grouping) the shuffled order is regrouped so that each global batch holds one group only,
+    which saves the padding of mixing orientations; a group's leftovers wait for the next epoch.
     """
 
     def __init__(self, size: int, seed: int, start: int = 0, *, rank: int = 0, world_size: int = 1,
-                 batch_size: int = 1):
+                 batch_size: int = 1, group_ids: Sequence[int] | None = None):
+        if group_ids is not None and len(group_ids) != size:
+            raise ValueError(f"need one group id per sample ({size}), got {len(group_ids)}")
         self.size, self.seed, self.start = size, seed, start
         self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
+        self.group_ids = list(group_ids) if group_ids is not None else None
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+        return torch.randperm(self.size, generator=generator).tolist()
+
+    def _stream(self) -> Iterator[int]:
+        """Dataset indices in stream order, from position `start`."""
+        if self.group_ids is None:
+            epoch, offset = divmod(self.start, self.size)
+            while True:
+                yield from self._epoch_order(epoch)[offset:]
+                epoch, offset = epoch + 1, 0
+        # Grouped: the buckets carry over epochs, so the stream is replayed from position 0 to
+        # reach `start` (a second or so for a COCO-length schedule).
+        global_batch = self.batch_size * self.world_size
+        buckets: dict[int, list[int]] = {}
+        position, epoch = 0, 0
+        while True:
+            for index in self._epoch_order(epoch):
+                bucket = buckets.setdefault(self.group_ids[index], [])
+                bucket.append(index)
+                if len(bucket) == global_batch:
+                    for grouped in bucket:
+                        if position >= self.start:
+                            yield grouped
+                        position += 1
+                    bucket.clear()
+            epoch += 1
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch, offset = divmod(self.start, self.size)
-        position = self.start
-        while True:
-            generator = torch.Generator().manual_seed(self.seed * 100003 + epoch)
-            order = torch.randperm(self.size, generator=generator).tolist()
-            for index in order[offset:]:
-                if (position // self.batch_size) % self.world_size == self.rank:
-                    yield index, position
-                position += 1
-            epoch, offset = epoch + 1, 0
+        for position, index in enumerate(self._stream(), start=self.start):
+            if (position // self.batch_size) % self.world_size == self.rank:
+                yield index, position
 
 
 class StreamSeededDataset(Dataset):
@@ -108,7 +136,7 @@ class StreamSeededDataset(Dataset):
 
 def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, seed: int,
                        size_divisibility: int, start_position: int = 0, rank: int = 0,
-                       world_size: int = 1) -> DataLoader:
+                       world_size: int = 1, group_ids: Sequence[int] | None = None) -> DataLoader:
     """Batches of `batch_size` (per rank) from an endless shuffled stream, starting
     `start_position` samples in (a resumed run's samples_seen, over all ranks); a sample at a
     given position is the same image, augmented the same way, in every run."""
@@ -117,7 +145,7 @@ def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, s
                          f"of {world_size} x {batch_size}: resume with the batch size and number of "
                          "processes the checkpoint was trained with")
     sampler = InfiniteSampler(len(dataset), seed, start=start_position, rank=rank,
-                              world_size=world_size, batch_size=batch_size)
+                              world_size=world_size, batch_size=batch_size, group_ids=group_ids)
     return DataLoader(StreamSeededDataset(dataset, seed), batch_size=batch_size, sampler=sampler,
                       num_workers=num_workers, collate_fn=Collate(size_divisibility),
                       worker_init_fn=_seed_worker, persistent_workers=num_workers > 0,

@@ -213,7 +213,8 @@ class Trainer:
                                     num_workers=self.config.data.num_workers, seed=cfg.seed,
                                     size_divisibility=self.config.data.size_divisibility,
                                     start_position=self.samples_seen, rank=self.dist.rank,
-                                    world_size=world)
+                                    world_size=world, group_ids=self.train_set.aspect_groups()
+                                    if self.config.data.aspect_ratio_grouping else None)
         processes = f" x {world} processes" if world > 1 else ""
         self.log(f"training {self.config.output_dir}: {len(self.train_set)} images, "
                  f"{self.model.num_classes} classes, iterations {self.iteration}..{cfg.max_iter}, "

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .focal import sigmoid_focal_loss_per_anchor, upcast
+from .focal import sigmoid_focal_loss_with_classes, upcast
 
 IGNORE_CLASS = -1
 
@@ -52,10 +52,14 @@ class FocalLoss(ClassificationLoss):
         self.alpha, self.gamma, self.label_smoothing = alpha, gamma, label_smoothing
 
     def forward(self, logits: Tensor, classes: Tensor, anchor_weights: Optional[Tensor] = None) -> Tensor:
-        valid = classes != IGNORE_CLASS
-        per_anchor = sigmoid_focal_loss_per_anchor(logits[valid], classes[valid], alpha=self.alpha,
-                                                   gamma=self.gamma, label_smoothing=self.label_smoothing)
-        return self._weighted_sum(per_anchor, anchor_weights, valid)
+        # Ignored anchors get weight 0 rather than being gathered out: no copy of the logits.
+        weights = (classes != IGNORE_CLASS).float()
+        if anchor_weights is not None:
+            weights = weights * anchor_weights
+        width = logits.shape[-1]
+        return sigmoid_focal_loss_with_classes(
+            logits.reshape(-1, width), classes.reshape(-1).clamp(min=0), alpha=self.alpha,
+            gamma=self.gamma, label_smoothing=self.label_smoothing, row_weights=weights.reshape(-1))
 
 
 class BCELoss(FocalLoss):

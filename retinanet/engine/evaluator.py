@@ -128,7 +128,8 @@ def format_report(result: dict, max_dets: int) -> str:
     lines += [f"{name:<20} {100 * ap:6.2f}" for name, ap in result["per_class"].items()]
     m = result["metrics"]
     lines.append("")
-    lines.append(" | ".join(f"{n} {100 * m[n]:.2f}" for n in METRIC_NAMES[:6]))
+    # -1 is pycocotools' "no ground truth in this size bucket"
+    lines.append(" | ".join(f"{n} {100 * m[n]:.2f}" if m[n] >= 0 else f"{n} n/a" for n in METRIC_NAMES[:6]))
     return "\n".join(lines)
 
 

@@ -1,0 +1,312 @@
+"""Ours against torchvision's RetinaNet at the same shapes and precision, as ratios.
+
+    python scripts/benchmark.py                      # all cases, on CUDA if present, else CPU
+    python scripts/benchmark.py --cases focal post   # some of them
+    python scripts/benchmark.py --json runs/benchmark.json --repeats 7
+
+Cases (float32 on both sides):
+  focal   sigmoid focal loss forward + backward at RetinaNet scale, 2 x 76725 anchors x 80 classes
+          (torchvision: its sigmoid_focal_loss on one-hot targets; ours: integer class targets)
+  match   matching + loss for 8 images with 50 boxes each (torchvision: RetinaNet.compute_loss)
+  post    postprocessing of 2 images at score threshold 0.0 and 0.05
+  step    one training step of R50-FPN at 512 x 512, batch 2 (forward, loss, backward, SGD)
+  infer   inference of the same model, batch 2, postprocessing included
+
+Every measurement runs in a fresh subprocess (so one case's allocations cannot slow another),
+takes the median of --repeats timed runs after a warm-up, and reports peak extra memory (CUDA:
+max_memory_allocated above the inputs; CPU: growth of the process's peak RSS). Ratios are
+torchvision / ours: higher means we are faster or use less. On CPU VMs whose glibc returns freed
+blocks to the OS, big-tensor timings swing; run it twice, once with
+MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 in the environment, and compare.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CASES = ("focal", "match", "post", "step", "infer")
+NUM_ANCHORS = 76725  # RetinaNet's anchors for an 800 x 1216 input (torchvision's stride rule)
+
+
+# ------------------------------------------------------------------------------------------------
+# One measurement (runs in its own process)
+# ------------------------------------------------------------------------------------------------
+def _sync(device):
+    import torch
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _measure(fn, device, repeats: int) -> dict:
+    import torch
+    # The baseline is taken after the inputs and model exist, before the first call.
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = _peak_rss_bytes()
+    fn()  # warm-up: caches, allocator, lazy init
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    peak = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else \
+        max(0, _peak_rss_bytes() - base)
+    return {"median_s": statistics.median(times), "min_s": min(times), "peak_extra_bytes": peak}
+
+
+def _focal(impl: str, device):
+    import torch
+    from torchvision.ops import sigmoid_focal_loss as tv_focal
+
+    from retinanet.losses.focal import sigmoid_focal_loss_with_classes
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2 * NUM_ANCHORS, 80, generator=g).to(device).requires_grad_()
+    classes = torch.randint(0, 81, (2 * NUM_ANCHORS,), generator=g)
+    classes[torch.rand(2 * NUM_ANCHORS, generator=g) < 0.97] = 80  # mostly background, as in training
+    classes = classes.to(device)
+
+    def ours():
+        loss = sigmoid_focal_loss_with_classes(logits, classes)
+        loss.backward()
+        logits.grad = None
+
+    def torchvision():
+        one_hot = torch.zeros_like(logits)
+        fg = classes < 80
+        one_hot[fg, classes[fg]] = 1.0
+        loss = tv_focal(logits, one_hot, reduction="sum")
+        loss.backward()
+        logits.grad = None
+    return ours if impl == "ours" else torchvision
+
+
+def _targets(device, num_images: int, num_boxes: int, size: int = 512):
+    import torch
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(num_images):
+        xy = torch.rand(num_boxes, 2, generator=g) * (size - 64)
+        wh = 8 + torch.rand(num_boxes, 2, generator=g) * 200
+        boxes = torch.cat([xy, (xy + wh).clamp(max=size)], dim=1)
+        out.append({"boxes": boxes.to(device), "labels": torch.randint(1, 91, (num_boxes,), generator=g).to(device)})
+    return out
+
+
+def _tv_model(device):
+    import torch
+    from torchvision.models.detection import retinanet_resnet50_fpn
+    torch.manual_seed(0)
+    return retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91,
+                                  min_size=512, max_size=512).to(device)
+
+
+def _our_model(device, num_classes: int = 91):
+    import torch
+
+    from retinanet.config import load_config
+    from retinanet.model import build_model, use_fast_memory_format
+    torch.manual_seed(0)
+    cfg = load_config(ROOT / "configs/retinanet_R50_FPN_1x_coco.yaml",
+                      ["data.test_min_size=512", "data.test_max_size=512", "data.size_divisibility=128"])
+    model = build_model(cfg.model, num_classes, load_backbone_weights=False)
+    return cfg, use_fast_memory_format(model.to(device), device)
+
+
+def _match(impl: str, device):
+    import torch
+    targets = _targets(device, 8, 50, size=800)
+    g = torch.Generator().manual_seed(2)
+    num_anchors = NUM_ANCHORS
+    if impl == "torchvision":
+        model = _tv_model(device)
+        from torchvision.models.detection.image_list import ImageList
+        images = ImageList(torch.zeros(8, 3, 800, 1216, device=device), [(800, 1216)] * 8)
+        features = [torch.zeros(8, 256, 800 // s, 1216 // s, device=device) for s in (8, 16, 32, 64, 128)]
+        anchors = model.anchor_generator(images, features)
+        num_anchors = anchors[0].shape[0]
+        cls = torch.randn(8, num_anchors, 91, generator=g).to(device).requires_grad_()
+        reg = torch.randn(8, num_anchors, 4, generator=g).to(device).requires_grad_()
+
+        def run():
+            losses = model.compute_loss(targets, {"cls_logits": cls, "bbox_regression": reg}, anchors)
+            sum(losses.values()).backward()
+            cls.grad = reg.grad = None
+        return run
+    from retinanet.config import load_config
+    from retinanet.losses import build_criterion
+    cfg = load_config(ROOT / "configs/torchvision/retinanet_resnet50_fpn.yaml")
+    criterion = build_criterion(cfg, 91, None).to(device)
+    from retinanet.model import build_anchor_generator
+    sizes = [(-(-800 // s), -(-1216 // s)) for s in (8, 16, 32, 64, 128)]
+    anchors = build_anchor_generator(cfg.model.anchors)(sizes, device, image_size=(800, 1216))
+    cls = torch.randn(8, anchors.shape[0], 91, generator=g).to(device).requires_grad_()
+    reg = torch.randn(8, anchors.shape[0], 4, generator=g).to(device).requires_grad_()
+    boxes = [t["boxes"] for t in targets]
+    labels = [t["labels"] for t in targets]
+
+    def run():
+        losses = criterion(cls, reg, anchors, boxes, labels)
+        (losses["loss_cls"] + losses["loss_box"]).backward()
+        cls.grad = reg.grad = None
+    return run
+
+
+def _post(impl: str, device, score_thresh: float):
+    import torch
+    g = torch.Generator().manual_seed(3)
+    sizes = [(64, 96), (32, 48), (16, 24), (8, 12), (4, 6)]  # a 512 x 768 input
+    counts = [h * w * 9 for h, w in sizes]
+    cls = (torch.randn(2, sum(counts), 91, generator=g) * 2 - 3).to(device)
+    reg = (torch.randn(2, sum(counts), 4, generator=g) * 0.2).to(device)
+    if impl == "torchvision":
+        model = _tv_model(device).eval()
+        model.score_thresh = score_thresh
+        from torchvision.models.detection.image_list import ImageList
+        images = ImageList(torch.zeros(2, 3, 512, 768, device=device), [(512, 768)] * 2)
+        features = [torch.zeros(2, 256, h, w, device=device) for h, w in sizes]
+        anchors = model.anchor_generator(images, features)
+        split = {"cls_logits": list(cls.split(counts, dim=1)), "bbox_regression": list(reg.split(counts, dim=1))}
+        split_anchors = [list(a.split(counts)) for a in anchors]
+        return lambda: model.postprocess_detections(split, split_anchors, images.image_sizes)
+    from retinanet.boxes import BoxCoder
+    from retinanet.model import AnchorGenerator
+    from retinanet.postprocess import PostProcessor
+    anchors = AnchorGenerator(sizes=[32, 64, 128, 256, 512], octave_scales=[1, 2 ** (1 / 3), 2 ** (2 / 3)],
+                              aspect_ratios=[0.5, 1, 2], strides=[8, 16, 32, 64, 128])(sizes, device)
+    post = PostProcessor(box_coder=BoxCoder(), score_thresh=score_thresh, topk_candidates=1000,
+                         nms_thresh=0.5, max_detections=300)
+    return lambda: post(cls, reg, anchors, counts, [(512, 768)] * 2)
+
+
+def _step(impl: str, device):
+    import torch
+    images = torch.rand(2, 3, 512, 512, generator=torch.Generator().manual_seed(4)).to(device)
+    targets = _targets(device, 2, 10)
+    if impl == "torchvision":
+        model = _tv_model(device).train()
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+
+        def run():
+            losses = model(list(images), targets)
+            optimizer.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            optimizer.step()
+        return run
+    from retinanet.losses import build_criterion
+    cfg, model = _our_model(device)
+    model.train()
+    criterion = build_criterion(cfg, 91, None).to(device)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+    mean = torch.tensor(cfg.data.mean, device=device)[:, None, None]
+    std = torch.tensor(cfg.data.std, device=device)[:, None, None]
+    boxes = [t["boxes"] for t in targets]
+    labels = [t["labels"] - 1 for t in targets]
+
+    def run():
+        out = model((images - mean) / std)
+        losses = criterion(out.cls_logits, out.box_deltas, out.anchors, boxes, labels)
+        optimizer.zero_grad(set_to_none=True)
+        (losses["loss_cls"] + losses["loss_box"]).backward()
+        optimizer.step()
+    return run
+
+
+def _infer(impl: str, device):
+    import torch
+    images = list(torch.rand(2, 3, 512, 512, generator=torch.Generator().manual_seed(5)).to(device))
+    if impl == "torchvision":
+        model = _tv_model(device).eval()
+        return lambda: model(images)
+    from retinanet import Detector
+    from retinanet.config import load_config
+    cfg = load_config(ROOT / "configs/retinanet_R50_FPN_1x_coco.yaml",
+                      ["data.test_min_size=512", "data.test_max_size=512", "model.num_classes=91",
+                       "data.val.annotations=", "data.train.annotations="])
+    torch.manual_seed(0)
+    detector = Detector.from_config(cfg, device=str(device))
+    return lambda: detector.predict(images)
+
+
+def run_one(case: str, impl: str, repeats: int) -> dict:
+    import torch
+    torch.set_grad_enabled(case in ("focal", "match", "step"))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if case.startswith("post"):
+        fn = _post(impl, device, float(case.split("@")[1]))
+    else:
+        fn = {"focal": _focal, "match": _match, "step": _step, "infer": _infer}[case](impl, device)
+    result = _measure(fn, device, repeats)
+    result["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    result["threads"] = torch.get_num_threads()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Driver
+# ------------------------------------------------------------------------------------------------
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=CASES)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", default="runs/benchmark.json")
+    parser.add_argument("--one", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:  # child process: one measurement, printed as json
+        print(json.dumps(run_one(args.one[0], args.one[1], args.repeats)))
+        return 0
+    rows = []
+    for case in args.cases:
+        for sub in (["post@0.0", "post@0.05"] if case == "post" else [case]):
+            measured = {}
+            for impl in ("torchvision", "ours"):
+                proc = subprocess.run([sys.executable, __file__, "--one", sub, impl, "--repeats",
+                                       str(args.repeats)], capture_output=True, text=True, cwd=ROOT)
+                if proc.returncode != 0:
+                    print(proc.stderr[-3000:], file=sys.stderr)
+                    return 1
+                measured[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+            tv, ours = measured["torchvision"], measured["ours"]
+            row = {"case": sub, "torchvision_ms": 1000 * tv["median_s"], "ours_ms": 1000 * ours["median_s"],
+                   "speed_ratio": tv["median_s"] / ours["median_s"],
+                   "torchvision_peak_mb": tv["peak_extra_bytes"] / 2**20,
+                   "ours_peak_mb": ours["peak_extra_bytes"] / 2**20,
+                   "memory_ratio": tv["peak_extra_bytes"] / max(ours["peak_extra_bytes"], 1),
+                   "device": ours["device"], "threads": ours["threads"]}
+            rows.append(row)
+            print(f"{sub:<10} torchvision {row['torchvision_ms']:9.1f} ms  ours {row['ours_ms']:9.1f} ms  "
+                  f"speed x{row['speed_ratio']:5.2f}   peak extra {row['torchvision_peak_mb']:8.1f} MB vs "
+                  f"{row['ours_peak_mb']:8.1f} MB  (x{row['memory_ratio']:.1f})", flush=True)
+    print()
+    print("| case | torchvision ms | ours ms | speed ratio | tv peak MB | ours peak MB | memory ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['case']} | {r['torchvision_ms']:.1f} | {r['ours_ms']:.1f} | {r['speed_ratio']:.2f} | "
+              f"{r['torchvision_peak_mb']:.1f} | {r['ours_peak_mb']:.1f} | {r['memory_ratio']:.1f} |")
+    env = {k: os.environ[k] for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_") if k in os.environ}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"rows": rows, "malloc_env": env, "repeats": args.repeats}, indent=2))
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,6 +16,14 @@ def config_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts such as --batch-size."""
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
     """Runs `main`; user errors (bad config, missing file, bad value) print one line, exit 2."""
     try:

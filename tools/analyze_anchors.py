@@ -23,14 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retinanet.cli import config_parser, run_cli  # noqa: E402
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+from retinanet.cli import config_parser, positive_int, run_cli  # noqa: E402
 
 
 def main() -> int:

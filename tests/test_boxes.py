@@ -41,3 +41,16 @@ def test_clip_boxes_per_image_sizes():
     boxes = torch.tensor([[-5.0, -5.0, 50.0, 50.0], [10.0, 10.0, 300.0, 300.0]])
     clipped = clip_boxes(boxes, torch.tensor([40.0, 100.0]), torch.tensor([30.0, 200.0]))
     assert clipped.tolist() == [[0.0, 0.0, 30.0, 40.0], [10.0, 10.0, 200.0, 100.0]]
+
+
+def test_pairwise_iou_equals_torchvision_box_iou():
+    from torchvision.ops import box_iou
+
+    from retinanet.boxes import pairwise_iou
+    g = torch.Generator().manual_seed(9)
+    a = torch.rand(37, 2, generator=g) * 100
+    a = torch.cat([a, a + torch.rand(37, 2, generator=g) * 50], dim=1)
+    b = torch.rand(211, 2, generator=g) * 100
+    b = torch.cat([b, b + torch.rand(211, 2, generator=g) * 50], dim=1)
+    b[:5] = a[:5]  # identical boxes: IoU exactly 1
+    assert torch.equal(pairwise_iou(a, b), box_iou(a, b))

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou
+
+from ..boxes import pairwise_iou
 
 BACKGROUND = -1
 IGNORE = -2
@@ -49,7 +50,7 @@ class Matcher:
         starts = range(0, num_anchors, chunk)
 
         def iou_block(start: int) -> Tensor:  # (B, M, chunk), -1 on invalid boxes
-            block = box_iou(gt_flat, anchors[start:start + chunk]).view(batch, max_boxes, -1)
+            block = pairwise_iou(gt_flat, anchors[start:start + chunk]).view(batch, max_boxes, -1)
             return block.masked_fill_(~gt_valid[..., None], -1.0)
 
         result = torch.empty(batch, num_anchors, dtype=torch.long, device=anchors.device)

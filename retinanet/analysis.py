@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
+from .data.transforms import resize_scale
 from .model.anchors import AnchorGenerator
 
 # COCO's size buckets, by box area (COCOeval measures the mask area; here it is the box's).
@@ -122,7 +123,7 @@ def resized_size(height: int, width: int, min_size: int, max_size: int, *,
     """The (h, w) the transforms resize an image to: scale = min(min_size / shorter side,
     max_size / longer side), then side * scale floored at test time (EvalTransform's torch
     interpolate) and rounded in training (albumentations' MaxSizeTransform, at least 1 px)."""
-    scale = min(min_size / min(height, width), max_size / max(height, width))
+    scale = resize_scale(height, width, min_size, max_size)
     if train:
         return max(1, round(height * scale)), max(1, round(width * scale))
     return int(height * scale), int(width * scale)

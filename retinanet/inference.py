@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-import cv2
 import numpy as np
+
+from .data.coco import decode_rgb
 
 # Extensions taken from a folder or a glob (case-insensitive); a single named file may have any.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -63,12 +64,11 @@ def read_rgb(path: str | Path) -> np.ndarray:
     """An image file -> RGB uint8 (H, W, 3), read with cv2 as the dataset does (EXIF orientation
     applied, grey and 16-bit images converted to 8-bit colour). ValueError naming the file when
     it cannot be decoded."""
-    path = Path(path)
-    image = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)
+    image = decode_rgb(path)
     if image is None:
         raise ValueError(f"cannot read image {path} (missing, not an image or truncated; "
                          "--skip-bad skips such files)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return image
 
 
 def output_names(files: Sequence[Path]) -> list[str]:

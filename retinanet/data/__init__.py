@@ -22,10 +22,12 @@ def build_dataset(data_cfg, *, train: bool, check: bool = False, log=None) -> Co
     key = "data.train" if train else "data.val"
     if not split.images or not split.annotations:
         raise ValueError(f"{key}.images and {key}.annotations must be set in the config")
+    dataset = None
     if check:
         from .checks import check_coco_dataset
 
         report = check_coco_dataset(split.images, split.annotations, read_images=False)
+        dataset = report.dataset
         handled = HANDLED_WHEN_LOADING | ({"image_missing"} if data_cfg.skip_bad_images else set())
         fatal = [issue for issue in report.errors if issue.check not in handled]
         if fatal:
@@ -35,4 +37,5 @@ def build_dataset(data_cfg, *, train: bool, check: bool = False, log=None) -> Co
         for issue in report.errors + report.warnings:
             (log or print)(f"{key}: {issue}")
     return CocoDetection(split.images, split.annotations, transform=build_transform(data_cfg, train=train),
-                         label_map=data_cfg.label_map, skip_bad_images=data_cfg.skip_bad_images)
+                         label_map=data_cfg.label_map, skip_bad_images=data_cfg.skip_bad_images,
+                         dataset=dataset)

@@ -106,6 +106,9 @@ class DatasetReport:
     num_categories: int = 0
     errors: list[Issue] = field(default_factory=list)
     warnings: list[Issue] = field(default_factory=list)
+    # The parsed json (None when it could not be read): training builds its dataset from it
+    # instead of parsing the file a second time.
+    dataset: dict | None = field(default=None, repr=False)
 
     @property
     def ok(self) -> bool:
@@ -171,7 +174,7 @@ def check_coco_dataset(images_dir: str | os.PathLike, annotations: str | os.Path
     """
     report = DatasetReport(Path(images_dir), Path(annotations), read_images)
     findings = _Findings()
-    data = _load_json(report.annotations, findings)
+    data = report.dataset = _load_json(report.annotations, findings)
     if data is not None:
         images, anns, cats = data["images"], data["annotations"], data["categories"]
         report.num_images, report.num_annotations = len(images), len(anns)

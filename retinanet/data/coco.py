@@ -23,14 +23,20 @@ from ..boxes import MIN_BOX_SIDE
 logger = logging.getLogger(__name__)
 
 
-def load_coco(annotations: str | Path) -> COCO:
-    """pycocotools' COCO without its console chatter, with errors that name the file."""
+def load_coco(annotations: str | Path, dataset: Optional[dict] = None) -> COCO:
+    """pycocotools' COCO without its console chatter, with errors that name the file. `dataset`,
+    when given, is the file's already parsed json (COCO train's takes seconds to parse)."""
     path = Path(annotations)
-    if not path.is_file():
+    if dataset is None and not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            return COCO(str(path))
+            if dataset is None:
+                return COCO(str(path))
+            coco = COCO()
+            coco.dataset = dataset
+            coco.createIndex()
+            return coco
     except (ValueError, KeyError, TypeError, AssertionError) as error:
         raise ValueError(f"{path}: not a COCO instances json ({type(error).__name__}: {error})") from None
 
@@ -58,6 +64,14 @@ def _clipped_box(bbox, width: float, height: float) -> list[float] | None:
         if not (np.isfinite(box).all() and box[2] - box[0] >= side and box[3] - box[1] >= side):
             return None
     return box.tolist()
+
+
+def decode_rgb(path: str | Path) -> np.ndarray | None:
+    """An image file -> RGB uint8 (H, W, 3) as training sees it (cv2: EXIF orientation applied,
+    grey and 16-bit images made 8-bit colour), or None when it is missing or cannot be decoded."""
+    path = Path(path)
+    image = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR) if path.is_file() else None
+    return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def label_mapping(coco: COCO, mode: str = "contiguous") -> tuple[dict[int, int], list[str]]:
@@ -90,13 +104,13 @@ class CocoDetection(Dataset):
 
     def __init__(self, images_dir: str | Path, annotations: str | Path,
                  transform: Optional[Callable[[dict], dict]] = None, label_map: str = "contiguous",
-                 skip_bad_images: bool = False):
+                 skip_bad_images: bool = False, dataset: Optional[dict] = None):
         self.images_dir = Path(images_dir)
         self.annotations_file = Path(annotations)
         if not self.images_dir.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.images_dir} "
                                     f"(for annotations {self.annotations_file})")
-        self.coco = load_coco(self.annotations_file)
+        self.coco = load_coco(self.annotations_file, dataset)
         self.transform = transform
         self.cat_ids = categories(self.coco)[0]
         if not self.cat_ids:
@@ -176,11 +190,11 @@ class CocoDetection(Dataset):
 
     def read_image(self, image_id: int) -> np.ndarray:
         path = self.image_path(image_id)
-        image = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR) if path.is_file() else None
+        image = decode_rgb(path)
         if image is None:
             raise FileNotFoundError(f"cannot read image {path} (image id {image_id} of "
                                     f"{self.annotations_file})")
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        return image
 
     def __getitem__(self, index: int) -> dict:
         image_id = self.image_ids[index]

@@ -24,6 +24,13 @@ import torch.nn.functional as F  # noqa: E402
 from ..boxes import MIN_BOX_SIDE  # noqa: E402
 
 
+def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float:
+    """The scale that brings the shorter side to min_size unless the longer side would then pass
+    max_size (then the longer side is max_size): detectron2's and torchvision's rule, shared by
+    training, evaluation and anchor analysis."""
+    return min(min_size / min(height, width), max_size / max(height, width))
+
+
 class ResizeShortestEdge(MaxSizeTransform):
     """Scales the shortest side to one of `min_sizes` (drawn per image) unless the longest side
     would then exceed `max_size`, in which case the longest side is `max_size` (detectron2's
@@ -37,8 +44,7 @@ class ResizeShortestEdge(MaxSizeTransform):
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         height, width = params["shape"][:2]
         target = self.min_sizes[0] if len(self.min_sizes) == 1 else self.py_random.choice(self.min_sizes)
-        scale = min(target / min(height, width), self.max_size / max(height, width))
-        return {"scale": scale}
+        return {"scale": resize_scale(height, width, target, self.max_size)}
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
         return ("min_sizes", "max_size")
@@ -123,7 +129,7 @@ class EvalTransform:
             image = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float() / 255
         image = (image.float() - self.mean.to(image.device)) / self.std.to(image.device)
         height, width = image.shape[-2:]
-        scale = min(self.min_size / min(height, width), self.max_size / max(height, width))
+        scale = resize_scale(height, width, self.min_size, self.max_size)
         if scale != 1.0:
             image = F.interpolate(image[None], scale_factor=scale, mode="bilinear",
                                   recompute_scale_factor=True, align_corners=False)[0]

@@ -224,7 +224,7 @@ class Trainer:
         start_time, window_time, window_images = time.perf_counter(), time.perf_counter(), 0
         start_iter = self.iteration
         sums: dict[str, torch.Tensor] = {}
-        window_iters, window_data_time = 0, 0.0
+        window_iters, window_data_time, window_start = 0, 0.0, self.iteration
         self._bar = _progress_bar(self.dist.is_main, total=cfg.max_iter, initial=self.iteration,
                                   desc="training", unit="it")
         while self.iteration < cfg.max_iter:
@@ -245,8 +245,8 @@ class Trainer:
             if self.iteration % cfg.log_period == 0 or self.iteration == cfg.max_iter:
                 now = time.perf_counter()
                 means = {k: float(v) / max(window_iters, 1) for k, v in sums.items()}  # one sync a window
-                data_time = window_data_time / max(1, window_images // max(1, world * cfg.batch_size))
-                sums, window_iters, window_data_time = {}, 0, 0.0
+                data_time = window_data_time / (self.iteration - window_start)
+                sums, window_iters, window_data_time, window_start = {}, 0, 0.0, self.iteration
                 ips = window_images / max(now - window_time, 1e-9)
                 eta = (now - start_time) / (self.iteration - start_iter) * (cfg.max_iter - self.iteration)
                 self._log_step(means, ips, eta, data_time)

@@ -54,8 +54,9 @@ def test_hostile_dataset_reports_every_problem_with_counts_and_ids(hostile):
     zero_size = report.issue("zero_size_box")
     assert zero_size.count == 6 and len(zero_size.first_ids) == MAX_IDS  # only the first 5 ids
     text = report.format()
-    assert ("ERROR  zero_size_box: 6 annotation(s) with zero or negative width/height "
-            "(first ids: 2, 3, 15, 16, 17, ...) -- they are dropped in training") in text
+    assert ("ERROR  zero_size_box: 6 annotation(s) with no extent in their image (zero or negative "
+            "width/height, under 0.01 px, or wholly outside) (first ids: 2, 3, 15, 16, 17, ...) "
+            "-- they are dropped in training") in text
     assert len(text.splitlines()) == 1 + len(report.errors) + len(report.warnings) + 1
 
 
@@ -156,3 +157,23 @@ def test_tool_usage_errors_are_one_line_exit_2(hostile, tmp_path):
     assert result.returncode == 2 and "image folder not found" in result.stderr
     assert "Traceback" not in result.stderr
     assert run_tool("--images", hostile["images"]).returncode == 2  # argparse: --annotations missing
+
+
+def test_checker_flags_exactly_the_boxes_training_drops(clean, tmp_path):
+    """The checker and the loader share one rule (retinanet.data.coco.clipped_box): a box wholly
+    outside its image or thinner than 0.01 px is an error, a box partly outside only a warning."""
+    from retinanet.data import CocoDetection
+    data = json.loads((clean / "annotations" / "instances_train.json").read_text())
+    image = data["images"][0]
+    w, h = image["width"], image["height"]
+    extra = {9001: [w + 5, 2, 4, 4], 9002: [3, 3, 0.005, 5], 9003: [w - 2, 2, 6, 4]}
+    for ann_id, bbox in extra.items():
+        data["annotations"].append({"id": ann_id, "image_id": image["id"], "category_id":
+                                    data["categories"][0]["id"], "bbox": bbox, "area": 1.0, "iscrowd": 0})
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(data))
+    report = check_coco_dataset(clean / "train", path)
+    assert list(report.issue("zero_size_box").first_ids) == [9001, 9002]
+    assert list(report.issue("box_outside_image").first_ids) == [9003]
+    dataset = CocoDetection(clean / "train", path)
+    assert dataset.report_dropped() == 2

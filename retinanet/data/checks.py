@@ -18,6 +18,8 @@ from typing import Any, Hashable, Iterable
 
 import cv2
 
+from .coco import clipped_box
+
 MAX_IDS = 5  # offending ids listed per problem
 # COCO json rounds coordinates to 2 decimals, so x + w may pass the image edge by round-off.
 EDGE_TOLERANCE = 0.01
@@ -60,7 +62,8 @@ CHECKS: dict[str, tuple[str, str, str]] = {
                               "pycocotools keeps only the last one; give every category its own id"),
     "non_finite_box": ("error", "annotation(s) whose bbox is missing, not 4 numbers, NaN or inf",
                        "the loader crashes on them or drops them; fix or remove them"),
-    "zero_size_box": ("error", "annotation(s) with zero or negative width/height",
+    "zero_size_box": ("error", "annotation(s) with no extent in their image (zero or negative "
+                               "width/height, under 0.01 px, or wholly outside)",
                       "they are dropped in training; fix or remove them"),
     "box_outside_image": ("warning", "box(es) extending outside their image",
                           "they are clipped to the image in training"),
@@ -327,10 +330,10 @@ def _check_annotations(anns: list, image_sizes: dict, cat_ids: dict, findings: _
             findings.add("non_finite_box", [ref])
             continue
         x, y, w, h = bbox
-        if w <= 0 or h <= 0:
+        width, height = size or (math.inf, math.inf)  # orphans are reported above
+        if clipped_box(bbox, width, height) is None:  # the loader's own rule: dropped in training
             findings.add("zero_size_box", [ref])
             continue
-        width, height = size or (math.inf, math.inf)  # orphans are reported above
         if (x < -EDGE_TOLERANCE or y < -EDGE_TOLERANCE or x + w > width + EDGE_TOLERANCE
                 or y + h > height + EDGE_TOLERANCE):
             findings.add("box_outside_image", [ref])

@@ -48,7 +48,7 @@ def categories(coco: COCO) -> tuple[list[int], list[str]]:
     return cat_ids, [coco.cats[c]["name"] for c in cat_ids]
 
 
-def _clipped_box(bbox, width: float, height: float) -> list[float] | None:
+def clipped_box(bbox, width: float, height: float) -> list[float] | None:
     """COCO [x, y, w, h] -> xyxy clipped to the image, or None when it is not 4 finite numbers or
     a side is under MIN_BOX_SIDE after clipping."""
     if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or \
@@ -149,7 +149,7 @@ class CocoDetection(Dataset):
             if ann["category_id"] not in self.cat_id_to_label:
                 raise ValueError(f"{self.annotations_file}: annotation {ann['id']} of image {image_id} "
                                  f"has unknown category_id {ann['category_id']}")
-            box = _clipped_box(ann.get("bbox"), width, height)
+            box = clipped_box(ann.get("bbox"), width, height)
             if box is None:
                 self._dropped.append(ann["id"])
                 continue

@@ -4,7 +4,7 @@ from torchvision.ops import sigmoid_focal_loss as tv_focal
 
 from retinanet.boxes import BoxCoder
 from retinanet.losses import (Matcher, RetinaNetCriterion, sigmoid_focal_loss,
-                              sigmoid_focal_loss_with_class_targets)
+                              sigmoid_focal_loss_with_classes)
 from retinanet.losses.box import smooth_l1_loss
 
 
@@ -27,7 +27,7 @@ def test_class_target_form_equals_one_hot_form():
     logits = (torch.randn(400, num_classes, generator=g) * 3).requires_grad_()
     classes = torch.randint(0, num_classes + 1, (400,), generator=g)  # K = background
     one_hot = torch.nn.functional.one_hot(classes, num_classes + 1)[:, :num_classes].float()
-    ours = sigmoid_focal_loss_with_class_targets(logits, classes, alpha=0.25, gamma=2.0)
+    ours = sigmoid_focal_loss_with_classes(logits, classes, alpha=0.25, gamma=2.0)
     ref = tv_focal(logits, one_hot, alpha=0.25, gamma=2.0, reduction="sum")
     assert torch.allclose(ours, ref, rtol=1e-5)
     (g_ours,) = torch.autograd.grad(ours, logits)
@@ -37,7 +37,7 @@ def test_class_target_form_equals_one_hot_form():
 
 def test_focal_loss_fp16_input_is_computed_in_float32():
     logits = torch.tensor([[12.0, -12.0]], dtype=torch.float16)
-    loss = sigmoid_focal_loss_with_class_targets(logits, torch.tensor([0]))
+    loss = sigmoid_focal_loss_with_classes(logits, torch.tensor([0]))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
@@ -112,7 +112,7 @@ def test_normalizer_ema():
 
 def test_fused_focal_loss_across_chunks_weights_smoothing_and_autocast(monkeypatch):
     from retinanet.losses import focal
-    from retinanet.losses.focal import sigmoid_focal_loss_per_anchor, sigmoid_focal_loss_with_classes
+    from retinanet.losses.focal import sigmoid_focal_loss_per_anchor
     monkeypatch.setattr(focal, "_CHUNK_ELEMENTS", 64)  # many chunks, a ragged last one
     g = torch.Generator().manual_seed(4)
     logits = (torch.randn(333, 6, generator=g) * 3).requires_grad_()

@@ -11,6 +11,18 @@ import numpy as np
 import torch
 
 
+_TMP_SUFFIX = ".tmp"
+
+
+def remove_interrupted_writes(folder: str | Path) -> list[str]:
+    """Deletes the temp files of atomic_save calls that were killed before their rename (the
+    checkpoint they were replacing is intact); returns their names."""
+    stale = sorted(Path(folder).glob(f".*.pth.*{_TMP_SUFFIX}"))
+    for path in stale:
+        path.unlink()
+    return [path.name for path in stale]
+
+
 # Tests set this to a checkpoint's file name: the process then kills itself (SIGKILL) after
 # writing that checkpoint's temp file and before the rename, as a crash mid-write would.
 KILL_IN_SAVE = "RETINANET_KILL_IN_SAVE"
@@ -19,7 +31,7 @@ KILL_IN_SAVE = "RETINANET_KILL_IN_SAVE"
 def atomic_save(obj, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(obj, handle)

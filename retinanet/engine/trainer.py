@@ -25,8 +25,8 @@ from ..model import build_model, use_fast_memory_format
 from ..postprocess import build_postprocessor
 from ..data.transforms import build_transform
 from ..visualize import draw_detections
-from .checkpoint import (atomic_save, latest_checkpoint, load_checkpoint, load_model_weights, rng_state,
-                         set_rng_state)
+from .checkpoint import (atomic_save, latest_checkpoint, load_checkpoint, load_model_weights,
+                         remove_interrupted_writes, rng_state, set_rng_state)
 from .distributed import (all_reduce_max, all_reduce_mean, barrier, broadcast_buffers,
                           init_distributed)
 from .evaluator import METRIC_NAMES, Evaluator
@@ -120,9 +120,8 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            for stale in self.output_dir.glob(".model_*.tmp"):  # a write that was killed midway
-                stale.unlink()
-                self.log(f"removed {stale.name}, left by an interrupted checkpoint write")
+            for name in remove_interrupted_writes(self.output_dir):
+                self.log(f"removed {name}, left by an interrupted checkpoint write")
         barrier()
         configure_determinism(config.train.deterministic, self.device)
 

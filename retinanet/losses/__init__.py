@@ -10,13 +10,13 @@ from ..config import Config
 from .classification import (BCELoss, ClassificationLoss, FocalLoss, GHMLoss, OHEMLoss,
                              SoftmaxFocalLoss, build_classification_loss, class_balanced_weights)
 from .criterion import RetinaNetCriterion, pad_targets
-from .focal import sigmoid_focal_loss, sigmoid_focal_loss_with_class_targets
+from .focal import sigmoid_focal_loss, sigmoid_focal_loss_with_classes
 from .matcher import BACKGROUND, IGNORE, Matcher
 
 __all__ = ["BACKGROUND", "BCELoss", "ClassificationLoss", "FocalLoss", "GHMLoss", "IGNORE",
            "Matcher", "OHEMLoss", "RetinaNetCriterion", "SoftmaxFocalLoss", "build_criterion",
            "class_balanced_weights", "pad_targets", "score_activation", "sigmoid_focal_loss",
-           "sigmoid_focal_loss_with_class_targets"]
+           "sigmoid_focal_loss_with_classes"]
 
 
 def score_activation(config: Config) -> str:

@@ -153,19 +153,3 @@ def sigmoid_focal_loss_per_anchor(logits: Tensor, classes: Tensor, *, alpha: Opt
     correction = binary_focal_terms(pos_logits, t_pos, alpha, gamma) - \
         binary_focal_terms(pos_logits, t_neg, alpha, gamma)
     return per_anchor.index_add(0, rows, correction)
-
-
-def sigmoid_focal_loss_with_class_targets(logits: Tensor, classes: Tensor,
-                                          alpha: Optional[float] = 0.25, gamma: float = 2.0) -> Tensor:
-    """Summed focal loss from integer class targets (N,) in 0..K, K = background."""
-    return sigmoid_focal_loss_with_classes(logits, classes, alpha=alpha, gamma=gamma)
-
-
-def _reduce(loss: Tensor, reduction: str) -> Tensor:
-    if reduction == "sum":
-        return loss.sum()
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "none":
-        return loss
-    raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")

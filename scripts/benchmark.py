@@ -6,15 +6,20 @@
 
 Cases (float32 on both sides):
   focal   sigmoid focal loss forward + backward at RetinaNet scale, 2 x 76725 anchors x 80 classes
-          (torchvision: its sigmoid_focal_loss on one-hot targets; ours: integer class targets)
+          (torchvision: its sigmoid_focal_loss on one-hot targets; ours: integer class targets),
+          with our default kernel ("auto": Triton on CUDA, eager torch on CPU) and, as
+          focal@compile, with kernel="compile" (torch.compile; its one-time compilation is in
+          the warm-up). On CUDA it also prints our time over that of a copy of the logits (one
+          read + one write: the floor for any kernel).
   match   matching + loss for 8 images with 50 boxes each (torchvision: RetinaNet.compute_loss)
   post    postprocessing of 2 images at score threshold 0.0 and 0.05
   step    one training step of R50-FPN at 512 x 512, batch 2 (forward, loss, backward, SGD)
   infer   inference of the same model, batch 2, postprocessing included
 
 Every measurement runs in a fresh subprocess (so one case's allocations cannot slow another),
-takes the median of --repeats timed runs after a warm-up, and reports peak extra memory (CUDA:
-max_memory_allocated above the inputs; CPU: growth of the process's peak RSS). Ratios are
+takes the median of --repeats timed runs after a warm-up, and reports the peak extra memory of
+the timed runs (CUDA: max_memory_allocated above what is allocated before them; CPU: peak RSS
+above the RSS before them, after returning freed heap pages to the OS; Linux only). Ratios are
 torchvision / ours: higher means we are faster or use less. On CPU VMs whose glibc returns freed
 blocks to the OS, big-tensor timings swing; run it twice, once with
 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=100000000000 in the environment, and compare.
@@ -24,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -47,21 +51,38 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+def _proc_status_kb(key: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _reset_cpu_peak() -> int:
+    """Returns freed heap pages to the OS and restarts the peak-RSS count (Linux); -> current RSS
+    in bytes, the baseline against which the next peak is read."""
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    return _proc_status_kb("VmRSS") * 1024
 
 
 def _measure(fn, device, repeats: int) -> dict:
     import torch
-    # The baseline is taken after the inputs and model exist, before the first call.
+    fn()  # warm-up: caches, allocator, lazy init, compilation
+    _sync(device)
+    # Peak memory of the timed calls above what lives between calls (inputs, model); one-time
+    # costs of the warm-up (thread pools, torch.compile) are not counted.
     if device.type == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = _peak_rss_bytes()
-    fn()  # warm-up: caches, allocator, lazy init
-    _sync(device)
+        base = _reset_cpu_peak()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -69,11 +90,11 @@ def _measure(fn, device, repeats: int) -> dict:
         _sync(device)
         times.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated() - base) if device.type == "cuda" else \
-        max(0, _peak_rss_bytes() - base)
+        max(0, _proc_status_kb("VmHWM") * 1024 - base)
     return {"median_s": statistics.median(times), "min_s": min(times), "peak_extra_bytes": peak}
 
 
-def _focal(impl: str, device):
+def _focal(impl: str, device, kernel: str = "auto"):
     import torch
     from torchvision.ops import sigmoid_focal_loss as tv_focal
 
@@ -85,7 +106,7 @@ def _focal(impl: str, device):
     classes = classes.to(device)
 
     def ours():
-        loss = sigmoid_focal_loss_with_classes(logits, classes)
+        loss = sigmoid_focal_loss_with_classes(logits, classes, kernel=kernel)
         loss.backward()
         logits.grad = None
 
@@ -248,13 +269,21 @@ def _infer(impl: str, device):
 
 def run_one(case: str, impl: str, repeats: int) -> dict:
     import torch
-    torch.set_grad_enabled(case in ("focal", "match", "step"))
+    torch.set_grad_enabled(case.split("@")[0] in ("focal", "match", "step"))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if case.startswith("post"):
         fn = _post(impl, device, float(case.split("@")[1]))
+    elif case.startswith("focal"):
+        fn = _focal(impl, device, case.split("@")[1] if "@" in case else "auto")
     else:
-        fn = {"focal": _focal, "match": _match, "step": _step, "infer": _infer}[case](impl, device)
+        fn = {"match": _match, "step": _step, "infer": _infer}[case](impl, device)
     result = _measure(fn, device, repeats)
+    if case == "focal" and impl == "ours" and device.type == "cuda":
+        # The floor of any focal kernel: one read of the logits and one write of the gradient,
+        # measured here as a copy of that many bytes.
+        src = torch.empty(2 * NUM_ANCHORS, 80, device=device)
+        dst = torch.empty_like(src)
+        result["copy_s"] = _measure(lambda: dst.copy_(src), device, repeats)["median_s"]
     result["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     result["threads"] = torch.get_num_threads()
     return result
@@ -275,7 +304,8 @@ def main() -> int:
         return 0
     rows = []
     for case in args.cases:
-        for sub in (["post@0.0", "post@0.05"] if case == "post" else [case]):
+        subs = {"post": ["post@0.0", "post@0.05"], "focal": ["focal", "focal@compile"]}
+        for sub in subs.get(case, [case]):
             measured = {}
             for impl in ("torchvision", "ours"):
                 proc = subprocess.run([sys.executable, __file__, "--one", sub, impl, "--repeats",
@@ -291,6 +321,10 @@ def main() -> int:
                    "ours_peak_mb": ours["peak_extra_bytes"] / 2**20,
                    "memory_ratio": tv["peak_extra_bytes"] / max(ours["peak_extra_bytes"], 1),
                    "device": ours["device"], "threads": ours["threads"]}
+            if "copy_s" in ours:
+                row["ours_over_read_write"] = ours["median_s"] / ours["copy_s"]
+                print(f"focal kernel time / (one read of the logits + one write of the gradient): "
+                      f"{row['ours_over_read_write']:.2f}", flush=True)
             rows.append(row)
             print(f"{sub:<10} torchvision {row['torchvision_ms']:9.1f} ms  ours {row['ours_ms']:9.1f} ms  "
                   f"speed x{row['speed_ratio']:5.2f}   peak extra {row['torchvision_peak_mb']:8.1f} MB vs "

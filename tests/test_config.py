@@ -59,10 +59,19 @@ def test_wrong_types_are_one_line_errors(tmp_path, override, fragment):
     ("train.keep_checkpoints=0", "train.keep_checkpoints"),
     ("train.max_bad_steps=0", "train.max_bad_steps"),
     ("data.label_map=ids", "data.label_map"),
+    ("loss.cls.kernel=cuda", "loss.cls.kernel"),
 ])
 def test_bad_values_are_rejected(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key):
         load_config(write(tmp_path / "c.yaml", {}), [override])
+
+
+def test_focal_kernel_reaches_the_loss_and_only_applies_to_focal_and_bce(tmp_path):
+    from retinanet.losses import build_criterion
+    cfg = load_config(write(tmp_path / "c.yaml", {}), ["loss.cls.kernel=compile"])
+    assert build_criterion(cfg, 3).cls_loss.kernel == "compile"
+    with pytest.raises(ConfigError, match="loss.cls.kernel"):
+        load_config(write(tmp_path / "c.yaml", {}), ["loss.cls.type=ghm", "loss.cls.kernel=eager"])
 
 
 def test_int_is_accepted_for_float_and_null_for_optional(tmp_path):

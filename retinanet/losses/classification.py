@@ -44,12 +44,15 @@ class FocalLoss(ClassificationLoss):
     Use it for dense detection: (1 - p_t)^gamma silences the flood of easy background anchors and
     alpha (0.25) then *down*-weights the rare positives, because gamma already removed most of the
     negatives' weight. `label_smoothing` eps moves binary targets towards 0.5 (1 -> 1 - eps/2,
-    0 -> eps/2), which tempers over-confident scores on noisy labels.
+    0 -> eps/2), which tempers over-confident scores on noisy labels. `kernel`: see
+    sigmoid_focal_loss.
     """
 
-    def __init__(self, *, alpha: Optional[float] = 0.25, gamma: float = 2.0, label_smoothing: float = 0.0):
+    def __init__(self, *, alpha: Optional[float] = 0.25, gamma: float = 2.0, label_smoothing: float = 0.0,
+                 kernel: str = "auto"):
         super().__init__()
         self.alpha, self.gamma, self.label_smoothing = alpha, gamma, label_smoothing
+        self.kernel = kernel
 
     def forward(self, logits: Tensor, classes: Tensor, anchor_weights: Optional[Tensor] = None) -> Tensor:
         # Ignored anchors get weight 0 rather than being gathered out: no copy of the logits.
@@ -59,7 +62,8 @@ class FocalLoss(ClassificationLoss):
         width = logits.shape[-1]
         return sigmoid_focal_loss_with_classes(
             logits.reshape(-1, width), classes.reshape(-1).clamp(min=0), alpha=self.alpha,
-            gamma=self.gamma, label_smoothing=self.label_smoothing, row_weights=weights.reshape(-1))
+            gamma=self.gamma, label_smoothing=self.label_smoothing, row_weights=weights.reshape(-1),
+            kernel=self.kernel)
 
 
 class BCELoss(FocalLoss):
@@ -69,8 +73,8 @@ class BCELoss(FocalLoss):
     loss, and alpha around 0.75 (positives up-weighted) works best (the focal-loss paper, Table 1a).
     """
 
-    def __init__(self, *, alpha: Optional[float] = 0.25, label_smoothing: float = 0.0):
-        super().__init__(alpha=alpha, gamma=0.0, label_smoothing=label_smoothing)
+    def __init__(self, *, alpha: Optional[float] = 0.25, label_smoothing: float = 0.0, kernel: str = "auto"):
+        super().__init__(alpha=alpha, gamma=0.0, label_smoothing=label_smoothing, kernel=kernel)
 
 
 class GHMLoss(ClassificationLoss):
@@ -211,9 +215,10 @@ def anchor_class_weights(classes: Tensor, class_weights: Tensor) -> Tensor:
 def build_classification_loss(cfg) -> ClassificationLoss:
     """loss.cls section of the config -> the selected loss module."""
     if cfg.type == "focal":
-        return FocalLoss(alpha=cfg.alpha, gamma=cfg.gamma, label_smoothing=cfg.label_smoothing)
+        return FocalLoss(alpha=cfg.alpha, gamma=cfg.gamma, label_smoothing=cfg.label_smoothing,
+                         kernel=cfg.kernel)
     if cfg.type == "bce":
-        return BCELoss(alpha=cfg.alpha, label_smoothing=cfg.label_smoothing)
+        return BCELoss(alpha=cfg.alpha, label_smoothing=cfg.label_smoothing, kernel=cfg.kernel)
     if cfg.type == "ghm":
         return GHMLoss(bins=cfg.ghm_bins, momentum=cfg.ghm_momentum)
     if cfg.type == "ohem":

@@ -6,11 +6,14 @@ float32 whatever the input dtype: fp16 log() and small powers underflow.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .focal_triton import focal_loss_triton, triton_focal_available
 
 
 def upcast(tensor: Tensor) -> Tensor:
@@ -35,106 +38,187 @@ def binary_focal_terms(logits: Tensor, targets: Tensor | float, alpha: Optional[
     return loss
 
 
-# Rows per chunk of the fused loss: ~0.5 M elements for K = 80, so that the dozen elementwise
-# temporaries of a chunk stay in cache instead of streaming N x K tensors through memory.
-_CHUNK_ELEMENTS = 1 << 19
+# Rows per chunk of the eager fused loss: ~0.5 M elements for K = 80, so that the dozen
+# elementwise temporaries of a chunk stay in cache instead of streaming N x K tensors through memory.
+_CHUNK_ELEMENTS = 1 << 17
+
+KERNELS = ("auto", "eager", "compile", "triton")
+
+
+def _loss_and_grad(x: Tensor, targets: Optional[Tensor], classes: Optional[Tensor],
+                   row_weights: Optional[Tensor], alpha: Optional[float], gamma: float,
+                   t_pos: float, t_neg: float, need_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """Sum of focal terms and its gradient for logits x (n, K), against float targets (n, K) or
+    integer classes (n,) (t = t_pos at k == class, else t_neg), rows weighted by row_weights (n,).
+
+    With p = sigmoid(x), ce = softplus(x) - t x, a = 1 - 2t, m = 1 - p_t = p a + t,
+    alpha_t = alpha t + (1 - alpha)(1 - t): FL = alpha_t ce m^gamma and
+    dFL/dx = alpha_t [(p - t) m^gamma + ce gamma m^(gamma - 1) a p (1 - p)].
+    Returns (0-dim sum, (n, K) gradient or None), in float32 (float64 stays). The eager path runs
+    it per chunk; torch.compile fuses it into one loop over the whole tensor.
+    """
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x = x.to(dtype)
+    if classes is not None:
+        class_ids = torch.arange(x.shape[1], device=x.device)
+        t = torch.where(classes[:, None] == class_ids, t_pos, t_neg).to(dtype)
+    else:
+        t = targets.to(dtype)
+    p = torch.sigmoid(x)
+    ce = F.softplus(x).sub_(t * x)
+    a = 1.0 - 2.0 * t
+    m = p * a + t
+    if gamma == 0:
+        mod, dmod = None, None
+    elif gamma == 2:
+        mod, dmod = m * m, 2.0 * m
+    else:
+        mod = m.pow(gamma)
+        # m^(gamma - 1) at m = 0 is inf for gamma < 1; the term is 0 there (p(1-p) = 0)
+        dmod = gamma * m.clamp(min=torch.finfo(dtype).tiny).pow(gamma - 1)
+    weight = t * (2 * alpha - 1) + (1 - alpha) if alpha is not None and alpha >= 0 else None
+    if row_weights is not None:
+        w = row_weights[:, None].to(dtype)
+        weight = w if weight is None else weight * w
+    loss = ce if mod is None else ce * mod
+    # A float64 accumulator: a float32 running sum over millions of terms drifts by ~1e-6
+    total = (loss if weight is None else loss * weight).sum(dtype=torch.float64).to(dtype)
+    if not need_grad:
+        return total, None
+    g = p - t
+    if mod is not None:
+        g = g.mul_(mod).add_(ce.mul_(dmod).mul_(a).mul_(p * (1 - p)))
+    if weight is not None:
+        g = g.mul_(weight)
+    return total, g
+
+
+_compiled_loss_and_grad = None  # torch.compile(_loss_and_grad), built on first use
+_compile_failed = False
+
+
+def _compiled(*args):
+    """_loss_and_grad through torch.compile (one fused loop: no (n, K) temporaries), or None when
+    compilation is unavailable here (no C++ compiler, ...): then the caller runs eager."""
+    global _compiled_loss_and_grad, _compile_failed
+    if _compile_failed:
+        return None
+    if _compiled_loss_and_grad is None:
+        _compiled_loss_and_grad = torch.compile(_loss_and_grad, dynamic=True)
+    try:
+        return _compiled_loss_and_grad(*args)
+    except Exception as exc:  # a compiler problem must not stop training: eager gives the same
+        _compile_failed = True
+        warnings.warn(f"torch.compile of the focal loss failed, using the eager kernel: {exc}")
+        return None
+
+
+def _eager(logits: Tensor, targets: Optional[Tensor], classes: Optional[Tensor],
+           row_weights: Optional[Tensor], alpha: Optional[float], gamma: float, t_pos: float,
+           t_neg: float, need_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """_loss_and_grad over row chunks that fit in cache; the gradient is the only (N, K) tensor."""
+    num_rows, num_classes = logits.shape
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    grad = torch.empty(logits.shape, dtype=dtype, device=logits.device) if need_grad else None
+    total = torch.zeros((), dtype=dtype, device=logits.device)
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, num_classes))
+    for start in range(0, num_rows, chunk):
+        rows = slice(start, min(start + chunk, num_rows))
+        part, g = _loss_and_grad(
+            logits[rows], None if targets is None else targets[rows],
+            None if classes is None else classes[rows],
+            None if row_weights is None else row_weights[rows], alpha, gamma, t_pos, t_neg, need_grad)
+        total += part
+        if need_grad:
+            grad[rows] = g
+    return total, grad
+
+
+def _focal_loss_and_grad(kernel: str, logits: Tensor, *args) -> tuple[Tensor, Optional[Tensor]]:
+    """Dispatch to the kernel named in KERNELS (args as _loss_and_grad's after logits)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"focal-loss kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "auto":  # float64 stays in float64: the Triton kernel computes in float32
+        use_triton = logits.device.type == "cuda" and logits.dtype != torch.float64
+        kernel = "triton" if use_triton and triton_focal_available(logits.device) else "eager"
+    if kernel == "triton":
+        if not triton_focal_available(logits.device) or logits.dtype == torch.float64:
+            raise RuntimeError("the triton focal-loss kernel needs a CUDA device, the triton "
+                               "package and float16/bfloat16/float32 logits; use kernel 'auto', "
+                               "'eager' or 'compile' here")
+        targets, classes, row_weights, alpha, gamma, t_pos, t_neg, need_grad = args
+        grad = torch.empty(logits.shape, dtype=torch.float32, device=logits.device) if need_grad else None
+        total = focal_loss_triton(logits.contiguous(), targets, classes, row_weights, grad,
+                                  alpha, gamma, t_pos, t_neg)
+        return total, grad
+    if kernel == "compile":
+        result = _compiled(logits, *args)
+        if result is not None:
+            return result
+    return _eager(logits, *args)
 
 
 class _FusedFocalLoss(torch.autograd.Function):
-    """sum_nk w_n * FL(x_nk, t_nk) for logits (N, K), computing the loss and its closed-form
-    gradient in one pass over row chunks; backward only scales the stored gradient. Targets are
-    either float (N, K) `targets` or integer `classes` (N,) (t = t_pos for k == class, else t_neg:
-    no one-hot tensor), with optional row weights (N,) (0 for ignored rows).
+    """sum_nk w_n * FL(x_nk, t_nk) for logits (N, K): the loss and its closed-form gradient in one
+    pass (see _loss_and_grad); backward only scales the gradient. Targets are float (N, K)
+    `targets` or integer `classes` (N,) (no one-hot tensor), with optional row weights (N,).
 
-    With p = sigmoid(x), ce = softplus(x) - t x, m = 1 - p_t = p + t - 2 t p,
-    alpha_t = alpha t + (1 - alpha)(1 - t): FL = alpha_t ce m^gamma and
-    dFL/dx = alpha_t [(p - t) m^gamma + ce gamma m^(gamma - 1) (1 - 2t) p (1 - p)].
-    Memory beyond the inputs: the gradient (N, K), which backward returns anyway, and one chunk's
-    temporaries. Math in float32 for float16 / bfloat16 / float32 logits (float64 stays).
+    Memory beyond the inputs: the gradient (N, K), which backward hands to autograd as the
+    result (no copy), and the kernel's working set. Math in float32 for float16 / bfloat16 /
+    float32 logits (float64 stays).
     """
 
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Optional[Tensor], classes: Optional[Tensor],
                 row_weights: Optional[Tensor], alpha: Optional[float], gamma: float,
-                t_pos: float, t_neg: float) -> Tensor:
-        num_rows, num_classes = logits.shape
-        need_grad = ctx.needs_input_grad[0]
-        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        grad = torch.empty(logits.shape, dtype=dtype, device=logits.device) if need_grad else None
-        total = torch.zeros((), dtype=dtype, device=logits.device)
-        chunk = max(1, _CHUNK_ELEMENTS // max(1, num_classes))
-        class_ids = torch.arange(num_classes, device=logits.device)
-        for start in range(0, num_rows, chunk):
-            rows = slice(start, min(start + chunk, num_rows))
-            x = logits[rows].to(dtype)
-            if classes is not None:
-                t = torch.where(classes[rows, None] == class_ids, t_pos, t_neg).to(dtype)
-            else:
-                t = targets[rows].to(dtype)
-            p = torch.sigmoid(x)
-            ce = F.softplus(x).sub_(t * x)
-            one_minus_2t = 1.0 - 2.0 * t
-            m = p * one_minus_2t + t
-            if gamma == 0:
-                mod, dmod = None, None
-            elif gamma == 2:
-                mod, dmod = m * m, 2.0 * m
-            else:
-                mod = m.pow(gamma)
-                # m^(gamma - 1) at m = 0 is inf for gamma < 1; the term is 0 there (p(1-p) = 0)
-                dmod = gamma * m.clamp(min=torch.finfo(dtype).tiny).pow(gamma - 1)
-            weight = None
-            if alpha is not None and alpha >= 0:
-                weight = t * (2 * alpha - 1) + (1 - alpha)  # alpha_t
-            if row_weights is not None:
-                w = row_weights[rows, None].to(dtype)
-                weight = w if weight is None else weight * w
-            loss = ce if mod is None else ce * mod
-            total += (loss if weight is None else loss * weight).sum()
-            if need_grad:
-                g = p - t
-                if mod is not None:
-                    g.mul_(mod).add_(ce.mul_(dmod).mul_(one_minus_2t).mul_(p * (1 - p)))
-                if weight is not None:
-                    g.mul_(weight)
-                grad[rows] = g
-        ctx.save_for_backward(grad)
-        ctx.logits_dtype = logits.dtype
+                t_pos: float, t_neg: float, kernel: str) -> Tensor:
+        ctx.args = (alpha, gamma, t_pos, t_neg)
+        ctx.kernel, ctx.logits_dtype = kernel, logits.dtype
+        total, ctx.grad = _focal_loss_and_grad(kernel, logits, targets, classes, row_weights,
+                                               *ctx.args, ctx.needs_input_grad[0])
+        # Inputs only (no copies): a second backward (retain_graph=True) recomputes from them.
+        ctx.save_for_backward(logits, targets, classes, row_weights)
         return total
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        (grad,) = ctx.saved_tensors
-        grad_logits = None
-        if grad is not None:
-            grad_logits = (grad * grad_output).to(ctx.logits_dtype)
-        return grad_logits, None, None, None, None, None, None, None
+        grad, ctx.grad = ctx.grad, None  # ours alone now, so scaling it in place is safe
+        if grad is None:
+            logits, targets, classes, row_weights = ctx.saved_tensors
+            _, grad = _focal_loss_and_grad(ctx.kernel, logits, targets, classes, row_weights,
+                                           *ctx.args, True)
+        # On CPU reading the scale costs nothing and saves a pass when it is 1 (loss.backward())
+        if grad_output.device.type != "cpu" or grad_output.item() != 1.0:
+            grad = grad.mul_(grad_output)
+        return (grad.to(ctx.logits_dtype),) + (None,) * 8
 
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: Optional[float] = 0.25,
-                       gamma: float = 2.0, reduction: str = "sum") -> Tensor:
+                       gamma: float = 2.0, reduction: str = "sum", *, kernel: str = "auto") -> Tensor:
     """torchvision's signature: logits and float targets in [0, 1] of the same shape (..., K).
 
     "sum" and "mean" run the fused loss (one pass, closed-form gradient, float32 math); "none"
-    returns the elementwise terms through autograd."""
+    returns the elementwise terms through autograd. `kernel`: "auto" (Triton on CUDA when it
+    imports, else eager), "eager" (torch ops over cache-sized chunks), "compile" (torch.compile
+    of the same math: one fused loop, ~5x eager on CPU, compiled once per process) or "triton"."""
     if reduction == "none":
         return binary_focal_terms(logits, upcast(targets), alpha, gamma)
     if reduction not in ("sum", "mean"):
         raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
     width = logits.shape[-1] if logits.dim() else 1
     total = _FusedFocalLoss.apply(logits.reshape(-1, width), targets.reshape(-1, width), None, None,
-                                  alpha, gamma, 1.0, 0.0)
+                                  alpha, gamma, 1.0, 0.0, kernel)
     return total / max(1, logits.numel()) if reduction == "mean" else total
 
 
 def sigmoid_focal_loss_with_classes(logits: Tensor, classes: Tensor, *, alpha: Optional[float] = 0.25,
                                     gamma: float = 2.0, label_smoothing: float = 0.0,
-                                    row_weights: Optional[Tensor] = None) -> Tensor:
+                                    row_weights: Optional[Tensor] = None, kernel: str = "auto") -> Tensor:
     """Summed focal loss of logits (N, K) against integer classes (N,) in 0..K (K = background;
     rows to ignore get row weight 0), each row's terms multiplied by row_weights (N,). Fused: no
-    one-hot tensor, one pass, closed-form gradient."""
+    one-hot tensor, one pass, closed-form gradient; `kernel` as in sigmoid_focal_loss."""
     t_neg, t_pos = label_smoothing / 2, 1 - label_smoothing / 2
-    return _FusedFocalLoss.apply(logits, None, classes, row_weights, alpha, gamma, t_pos, t_neg)
+    return _FusedFocalLoss.apply(logits, None, classes, row_weights, alpha, gamma, t_pos, t_neg, kernel)
 
 
 def sigmoid_focal_loss_per_anchor(logits: Tensor, classes: Tensor, *, alpha: Optional[float] = 0.25,

@@ -76,12 +76,18 @@ def pairwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """IoU of every pair: (N, 4) x (M, 4) xyxy -> (N, M), equal to torchvision's box_iou (bit for
     bit in float32) and ~3x faster on CPU: one coordinate at a time with in-place ops, instead of
     (N, M, 2) corner tensors. Matching runs it over every box x anchor pair of a batch."""
-    area1 = (boxes1[:, 2] - boxes1[:, 0]) * (boxes1[:, 3] - boxes1[:, 1])
-    area2 = (boxes2[:, 2] - boxes2[:, 0]) * (boxes2[:, 3] - boxes2[:, 1])
-    width = torch.minimum(boxes1[:, None, 2], boxes2[None, :, 2]) \
-        .sub_(torch.maximum(boxes1[:, None, 0], boxes2[None, :, 0])).clamp_(min=0)
-    height = torch.minimum(boxes1[:, None, 3], boxes2[None, :, 3]) \
-        .sub_(torch.maximum(boxes1[:, None, 1], boxes2[None, :, 1])).clamp_(min=0)
+    return broadcast_iou(boxes1[:, None], boxes2[None])
+
+
+def broadcast_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """IoU of broadcastable (..., 4) xyxy boxes -> (...): the same operations in the same order
+    as pairwise_iou, so any pair gets bit for bit the value it has in pairwise_iou's matrix."""
+    area1 = (boxes1[..., 2] - boxes1[..., 0]) * (boxes1[..., 3] - boxes1[..., 1])
+    area2 = (boxes2[..., 2] - boxes2[..., 0]) * (boxes2[..., 3] - boxes2[..., 1])
+    width = torch.minimum(boxes1[..., 2], boxes2[..., 2]) \
+        .sub_(torch.maximum(boxes1[..., 0], boxes2[..., 0])).clamp_(min=0)
+    height = torch.minimum(boxes1[..., 3], boxes2[..., 3]) \
+        .sub_(torch.maximum(boxes1[..., 1], boxes2[..., 1])).clamp_(min=0)
     inter = width.mul_(height)
-    union = (area1[:, None] + area2[None, :]).sub_(inter)
+    union = (area1 + area2).sub_(inter)
     return inter.div_(union)

@@ -11,7 +11,8 @@ Cases (float32 on both sides):
           focal@compile, with kernel="compile" (torch.compile; its one-time compilation is in
           the warm-up). On CUDA it also prints our time over that of a copy of the logits (one
           read + one write: the floor for any kernel).
-  match   matching + loss for 8 images with 50 boxes each (torchvision: RetinaNet.compute_loss)
+  match   matching + loss for 8 images with 50 boxes each (torchvision: RetinaNet.compute_loss);
+          match@compile with loss.cls.kernel=compile
   post    postprocessing of 2 images at score threshold 0.0 and 0.05
   step    one training step of R50-FPN at 512 x 512, batch 2 (forward, loss, backward, SGD)
   infer   inference of the same model, batch 2, postprocessing included
@@ -152,7 +153,7 @@ def _our_model(device, num_classes: int = 91):
     return cfg, use_fast_memory_format(model.to(device), device)
 
 
-def _match(impl: str, device):
+def _match(impl: str, device, kernel: str = "auto"):
     import torch
     targets = _targets(device, 8, 50, size=800)
     g = torch.Generator().manual_seed(2)
@@ -174,7 +175,7 @@ def _match(impl: str, device):
         return run
     from retinanet.config import load_config
     from retinanet.losses import build_criterion
-    cfg = load_config(ROOT / "configs/torchvision/retinanet_resnet50_fpn.yaml")
+    cfg = load_config(ROOT / "configs/torchvision/retinanet_resnet50_fpn.yaml", [f"loss.cls.kernel={kernel}"])
     criterion = build_criterion(cfg, 91, None).to(device)
     from retinanet.model import build_anchor_generator
     sizes = [(-(-800 // s), -(-1216 // s)) for s in (8, 16, 32, 64, 128)]
@@ -273,10 +274,11 @@ def run_one(case: str, impl: str, repeats: int) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if case.startswith("post"):
         fn = _post(impl, device, float(case.split("@")[1]))
-    elif case.startswith("focal"):
-        fn = _focal(impl, device, case.split("@")[1] if "@" in case else "auto")
+    elif case.startswith(("focal", "match")):
+        kernel = case.split("@")[1] if "@" in case else "auto"
+        fn = (_focal if case.startswith("focal") else _match)(impl, device, kernel)
     else:
-        fn = {"match": _match, "step": _step, "infer": _infer}[case](impl, device)
+        fn = {"step": _step, "infer": _infer}[case](impl, device)
     result = _measure(fn, device, repeats)
     if case == "focal" and impl == "ours" and device.type == "cuda":
         # The floor of any focal kernel: one read of the logits and one write of the gradient,
@@ -304,7 +306,8 @@ def main() -> int:
         return 0
     rows = []
     for case in args.cases:
-        subs = {"post": ["post@0.0", "post@0.05"], "focal": ["focal", "focal@compile"]}
+        subs = {"post": ["post@0.0", "post@0.05"], "focal": ["focal", "focal@compile"],
+                "match": ["match", "match@compile"]}
         for sub in subs.get(case, [case]):
             measured = {}
             for impl in ("torchvision", "ours"):

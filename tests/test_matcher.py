@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from retinanet.losses import BACKGROUND, IGNORE, Matcher
@@ -74,3 +75,33 @@ def test_chunked_iou_gives_the_same_matches():
         chunked = Matcher(allow_low_quality=low_quality, max_iou_elements=3 * 40 * 333)(anchors, boxes, valid)
         assert torch.equal(whole, chunked)
         assert (whole >= 0).sum() > 50  # a meaningful case
+
+
+def dense_reference(anchors, boxes, valid, fg=0.5, bg=0.4):
+    """The matching rule on the whole (B, M, A) IoU matrix, written plainly."""
+    from torchvision.ops import box_iou
+    iou = torch.stack([box_iou(b, anchors) for b in boxes])  # (B, M, A)
+    iou[~valid] = -1.0
+    best_iou, result = iou.max(dim=1)
+    result[best_iou < fg] = IGNORE
+    result[best_iou < bg] = BACKGROUND
+    best_per_gt = iou.max(dim=2, keepdim=True).values
+    is_best = (iou == best_per_gt) & valid[..., None] & (best_per_gt > 0)
+    low_quality = is_best.any(dim=1)
+    best_for_gt = torch.where(is_best, iou, torch.full_like(iou, -1.0)).max(dim=1).indices
+    return torch.where(low_quality, best_for_gt, result)
+
+
+@pytest.mark.parametrize("chunk_elements", [7, 1000, 2 ** 18])
+def test_chunked_two_pass_matcher_equals_the_dense_rule_with_ties(chunk_elements):
+    # Integer coordinates on a coarse grid: many exact IoU ties, across chunks and between boxes
+    g = torch.Generator().manual_seed(11)
+    xy = torch.randint(0, 12, (700, 2), generator=g).float() * 4
+    anchors = torch.cat([xy, xy + torch.randint(1, 6, (700, 2), generator=g).float() * 4], dim=1)
+    bxy = torch.randint(0, 12, (3, 30, 2), generator=g).float() * 4
+    boxes = torch.cat([bxy, bxy + torch.randint(1, 6, (3, 30, 2), generator=g).float() * 4], dim=2)
+    valid = torch.rand(3, 30, generator=g) > 0.1
+    ours = Matcher(max_iou_elements=chunk_elements)(anchors, boxes, valid)
+    ref = dense_reference(anchors, boxes, valid)
+    assert torch.equal(ours, ref)
+    assert (ref >= 0).sum() > 100 and (ref == IGNORE).sum() > 0  # a meaningful case

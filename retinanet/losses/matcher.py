@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..boxes import pairwise_iou
+from ..boxes import broadcast_iou, pairwise_iou
 
 BACKGROUND = -1
 IGNORE = -2
@@ -27,12 +27,13 @@ class Matcher:
     """
 
     def __init__(self, *, fg_iou: float = 0.5, bg_iou: float = 0.4, allow_low_quality: bool = True,
-                 max_iou_elements: int = 2 ** 25):
+                 max_iou_elements: int = 2 ** 18):
         if not 0 < bg_iou <= fg_iou <= 1:
             raise ValueError(f"need 0 < bg_iou <= fg_iou <= 1, got bg_iou={bg_iou}, fg_iou={fg_iou}")
         self.fg_iou, self.bg_iou, self.allow_low_quality = fg_iou, bg_iou, allow_low_quality
-        # Bound on the (B, M, anchors) IoU block held at once (2^25 floats = 128 MB): beyond it
-        # the anchors are processed in chunks, and the low-quality pass recomputes each chunk.
+        # The (B, M, chunk) IoU block is computed for chunks of anchors with at most this many
+        # elements (2^18 floats = 1 MB): its dozen elementwise passes then run in cache instead of
+        # streaming a (B, M, A) matrix through memory, which bounds the memory too.
         self.max_iou_elements = max_iou_elements
 
     def __call__(self, anchors: Tensor, gt_boxes: Tensor, gt_valid: Tensor) -> Tensor:
@@ -43,40 +44,56 @@ class Matcher:
         """
         batch, max_boxes = gt_valid.shape
         num_anchors = anchors.shape[0]
+        device = anchors.device
         if max_boxes == 0:
-            return torch.full((batch, num_anchors), BACKGROUND, dtype=torch.long, device=anchors.device)
+            return torch.full((batch, num_anchors), BACKGROUND, dtype=torch.long, device=device)
         gt_flat, anchors = gt_boxes.reshape(-1, 4).float(), anchors.float()
         chunk = max(1, self.max_iou_elements // (batch * max_boxes))
-        starts = range(0, num_anchors, chunk)
+        num_chunks = -(-num_anchors // chunk)
 
-        def iou_block(start: int) -> Tensor:  # (B, M, chunk), -1 on invalid boxes
-            block = pairwise_iou(gt_flat, anchors[start:start + chunk]).view(batch, max_boxes, -1)
-            return block.masked_fill_(~gt_valid[..., None], -1.0)
-
-        result = torch.empty(batch, num_anchors, dtype=torch.long, device=anchors.device)
-        best_per_gt = torch.full((batch, max_boxes, 1), -1.0, device=anchors.device)
-        blocks = []
-        for start in starts:
-            iou = iou_block(start)
-            best_iou, matched = iou.max(dim=1)  # (B, chunk)
-            matched[best_iou < self.fg_iou] = IGNORE
-            matched[best_iou < self.bg_iou] = BACKGROUND
-            result[:, start:start + chunk] = matched
-            best_per_gt = torch.maximum(best_per_gt, iou.max(dim=2, keepdim=True).values)
-            if len(starts) == 1:
-                blocks.append(iou)  # one block: keep it rather than recompute it
-        if not self.allow_low_quality:
-            return result
-        # Boxes with zero overlap everywhere would make every anchor "best": skip them.
-        usable = gt_valid[..., None] & (best_per_gt > 0)
-        for start in starts:
-            iou = blocks[0] if blocks else iou_block(start)
-            is_best = (iou == best_per_gt) & usable  # (B, M, chunk): anchor is a best anchor of box m
-            low_quality = is_best.any(dim=1)  # (B, chunk)
-            # Among the boxes an anchor is best for, take the one it overlaps most (the first on
-            # ties). In place: the IoU block is not needed any more and is the largest tensor here;
-            # max().indices, not argmax(), which is several times slower over this dim on CPU.
-            best_for_gt = iou.masked_fill_(~is_best, -1.0).max(dim=1).indices
-            result[:, start:start + chunk] = torch.where(low_quality, best_for_gt,
-                                                         result[:, start:start + chunk])
+        best_iou = torch.empty(batch, num_anchors, device=device)
+        result = torch.empty(batch, num_anchors, dtype=torch.long, device=device)
+        # Each box's highest IoU within each chunk: locates its best anchors for the second pass.
+        chunk_best = torch.empty(batch * max_boxes, num_chunks, device=device)
+        for index in range(num_chunks):
+            cols = slice(index * chunk, (index + 1) * chunk)
+            iou = pairwise_iou(gt_flat, anchors[cols])  # (B * M, chunk)
+            iou.view(batch, max_boxes, -1).masked_fill_(~gt_valid[..., None], -1.0)
+            torch.max(iou.view(batch, max_boxes, -1), dim=1, out=(best_iou[:, cols], result[:, cols]))
+            torch.amax(iou, dim=1, out=chunk_best[:, index])
+        result.masked_fill_(best_iou < self.fg_iou, IGNORE)
+        result.masked_fill_(best_iou < self.bg_iou, BACKGROUND)
+        if self.allow_low_quality:
+            self._add_low_quality(result, anchors, gt_flat, gt_valid, chunk_best, chunk)
         return result
+
+    @staticmethod
+    def _add_low_quality(result: Tensor, anchors: Tensor, gt_flat: Tensor, gt_valid: Tensor,
+                         chunk_best: Tensor, chunk: int) -> None:
+        """Makes every usable box's best anchors positive, matched to the box they are best for,
+        in place in result (B, A). Only the chunks that hold a box's best IoU are revisited, one
+        box against one chunk of anchors each (a few hundred x chunk IoUs, not B x M x A)."""
+        batch, max_boxes = gt_valid.shape
+        num_anchors = anchors.shape[0]
+        best_per_gt = chunk_best.max(dim=1).values  # (B * M,)
+        # Boxes with zero overlap everywhere would make every anchor "best": skip them.
+        usable = gt_valid.reshape(-1) & (best_per_gt > 0)
+        box, where = torch.nonzero((chunk_best == best_per_gt[:, None]) & usable[:, None], as_tuple=True)
+        if box.numel() == 0:
+            return
+        anchor_idx = where[:, None] * chunk + torch.arange(chunk, device=anchors.device)  # (T, chunk)
+        inside = anchor_idx < num_anchors
+        anchor_idx = anchor_idx.clamp_(max=num_anchors - 1)
+        # The same operations as the first pass's pairwise_iou: bit-identical values, so == finds
+        # exactly the anchors that reached the box's maximum (ties included).
+        iou = broadcast_iou(gt_flat[box][:, None], anchors[anchor_idx])
+        pair, col = torch.nonzero((iou == best_per_gt[box][:, None]) & inside, as_tuple=True)
+        box, anchor, value = box[pair], anchor_idx[pair, col], iou[pair, col]
+        # An anchor best for several boxes goes to the one it overlaps most, the first on ties.
+        key = torch.div(box, max_boxes, rounding_mode="floor") * num_anchors + anchor  # into (B, A)
+        keys, group = torch.unique(key, return_inverse=True)
+        top = torch.full(keys.shape, -1.0, device=anchors.device).scatter_reduce_(0, group, value, "amax")
+        winner = value == top[group]
+        first = torch.full(keys.shape, max_boxes, dtype=torch.long, device=anchors.device)
+        first.scatter_reduce_(0, group[winner], (box % max_boxes)[winner], "amin")
+        result.view(-1)[keys] = first

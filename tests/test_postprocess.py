@@ -68,3 +68,20 @@ def test_no_detections():
     pp, logits, deltas, anchors = setup([[[0.01, 0.01]] * 3, [[0.02, 0.01]] * 3], ANCHORS)
     out = pp(logits, deltas, anchors, [3], [(100, 100), (100, 100)])
     assert [len(o["scores"]) for o in out] == [0, 0] and out[0]["boxes"].shape == (0, 4)
+
+
+def test_batched_topk_equals_torch_topk():
+    from retinanet.postprocess import batched_topk
+    g = torch.Generator().manual_seed(0)
+    cases = [torch.randn(2, 700_003, generator=g),                       # ragged last block
+             torch.randn(3, 512_000, generator=g) * 4 - 6,                # one block size apart
+             torch.cat([torch.full((1, 600_000), -9.0), torch.randn(1, 600_000, generator=g)], 1)]
+    spiky = torch.full((2, 800_000), -5.0)
+    spiky[0, ::997] = torch.rand(803, generator=g)  # every winner in its own block
+    spiky[1, -37:] = 3.0 + torch.arange(37.0)       # all winners in the tail
+    for values in cases + [spiky]:
+        top, idx = batched_topk(values, 1000)
+        ref_top, _ = values.topk(1000, dim=1)
+        assert torch.equal(top, ref_top)
+        assert torch.equal(values.gather(1, idx), top)  # the indices point at those values
+        assert all(len(set(row.tolist())) == 1000 for row in idx)  # no column twice

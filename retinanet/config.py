@@ -111,6 +111,10 @@ class ModelConfig:
     # Memory layout: None = channels_last on CPU (faster there), contiguous on CUDA; false =
     # contiguous everywhere, torchvision's layout (needed for bit-identical torchvision outputs).
     channels_last: Optional[bool] = None
+    # Inference (Detector, tools/eval.py, infer, export) folds frozen / eval-mode BatchNorm into
+    # the convolution before it: one pass over the activations less per norm, ~15 % faster on
+    # CPU; false keeps torchvision's exact rounding (its configs set false).
+    fold_batchnorm: bool = True
     # Initial weights of the whole model for fine-tuning (a checkpoint of ours, or one converted by
     # tools/convert_torchvision.py). Parameters whose shape differs (the classifier, when the class
     # count changes) keep their fresh initialisation, and are listed in the log.

@@ -17,6 +17,7 @@ from .config import Config, load_config
 from .data import Batch, Collate, build_transform, label_mapping, load_coco
 from .losses import build_box_coder
 from .model import RetinaNet, build_model, use_fast_memory_format
+from .model.fold import fold_batchnorm
 from .postprocess import PostProcessor, build_postprocessor
 
 
@@ -63,7 +64,10 @@ class Detector:
             load_model_weights(model, weights)
         device = device or ("cuda" if cfg.train.device == "auto" and torch.cuda.is_available()
                             else "cpu" if cfg.train.device == "auto" else cfg.train.device)
-        return cls(model.to(device).eval(), transform=build_transform(cfg.data, train=False),
+        model.eval()
+        if cfg.model.fold_batchnorm:  # this model is only ever used for inference
+            fold_batchnorm(model)
+        return cls(model.to(device), transform=build_transform(cfg.data, train=False),
                    postprocessor=build_postprocessor(cfg, build_box_coder(cfg)),
                    size_divisibility=cfg.data.size_divisibility, class_names=class_names,
                    label_to_cat_id=label_to_cat_id, device=device, channels_last=cfg.model.channels_last)

@@ -89,3 +89,35 @@ def test_load_wrong_weights_is_clear(tmp_path):
         ResNetBackbone(depth=50).load_torchvision_weights(path)
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
         ResNetBackbone(depth=18).load_torchvision_weights(tmp_path / "missing.pth")
+
+
+@pytest.mark.parametrize("depth, norm, expected", [(18, "frozen_bn", 20), (50, "bn", 53)])
+def test_fold_batchnorm_keeps_outputs_and_removes_every_norm(depth, norm, expected):
+    from retinanet.model.fold import fold_batchnorm
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_classes=4)
+    cfg.backbone.depth, cfg.backbone.norm = depth, norm
+    model = build_model(cfg, 4, load_backbone_weights=False).eval()
+    for module in model.modules():  # non-trivial statistics and affine terms
+        if isinstance(module, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)):
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+            module.running_mean.uniform_(-0.3, 0.3)
+            module.running_var.uniform_(0.5, 2.0)
+    images = torch.rand(2, 3, 128, 160)
+    with torch.no_grad():
+        before = model(images)
+        assert fold_batchnorm(model) == expected
+        after = model(images)
+    assert not any(isinstance(m, (FrozenBatchNorm2d, torch.nn.BatchNorm2d)) for m in model.modules())
+    for a, b in zip(before.cls_logits, after.cls_logits):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(before.box_deltas, after.box_deltas, rtol=1e-4, atol=1e-4)
+
+
+def test_fold_batchnorm_leaves_training_batchnorm_alone():
+    from retinanet.model.fold import fold_batchnorm
+    cfg = ModelConfig(num_classes=4)
+    cfg.backbone.depth, cfg.backbone.norm, cfg.backbone.freeze_at = 18, "bn", 0
+    model = build_model(cfg, 4, load_backbone_weights=False).train()
+    assert fold_batchnorm(model) == 0  # batch statistics are not a fixed affine map

@@ -259,3 +259,61 @@ def test_deterministic_mode_on_cuda_repeats_bit_for_bit(shapes_dir, tmp_path):
         finals.append(load_checkpoint(tmp_path / run / "model_final.pth")["model"])
     for key in finals[0]:
         assert torch.equal(finals[0][key], finals[1][key]), key
+
+
+def test_deferred_checks_skip_on_the_device_and_settle_at_the_window(trainer_and_batch):
+    """The CUDA mode (no host sync per step), forced on CPU: the fused optimizer skips on the
+    device-side flag; the skipped steps are logged, and max_bad_steps enforced, when settled."""
+    trainer, batch, logs = trainer_and_batch
+    assert trainer.optimizer.defaults.get("fused")  # torch >= 2.4 has fused SGD on CPU
+    trainer.defer_finite_checks = True
+    bad = type(batch)(batch.images.clone().fill_(float("nan")), batch.boxes, batch.labels,
+                      batch.image_ids, batch.image_sizes, batch.orig_sizes)
+    trainer.step(batch)  # a real step first, so that the optimizer has state to protect
+    before = _state(trainer)
+    opt_state = [{k: v.clone() for k, v in trainer.optimizer.state[p].items()} for p in trainer._params]
+    for _ in range(2):
+        losses = trainer.step(bad)
+        assert float(losses["steps"]) == 0 and float(losses["loss"]) == 0  # NaN zeroed, not summed
+    after = _state(trainer)
+    assert all(torch.equal(before[k], after[k]) for k in before)  # weights and BN statistics
+    assert all(torch.equal(v, trainer.optimizer.state[p][k])
+               for saved, p in zip(opt_state, trainer._params) for k, v in saved.items())
+    assert not any("step skipped" in line for line in logs)  # nothing read from the device yet
+    trainer.settle_skipped_steps()
+    assert sum("step skipped, weights unchanged" in line for line in logs) == 2
+    losses = trainer.step(batch)  # a good step resets the count and moves the weights
+    assert float(losses["steps"]) == 1 and torch.isfinite(losses["loss"]) and float(losses["loss"]) > 0
+    trainer.settle_skipped_steps()
+    assert trainer.bad_steps == 0
+    assert any(not torch.equal(before[k], v) for k, v in _state(trainer).items())
+    for _ in range(3):
+        trainer.step(bad)
+    with pytest.raises(FloatingPointError, match=r"3 consecutive steps .* image ids"):
+        trainer.settle_skipped_steps()
+
+
+def test_fused_sgd_skipped_first_step_leaves_no_garbage_momentum(tiny_config):
+    from retinanet.engine.trainer import build_optimizer
+    tiny_config.train.optimizer.type = "sgd"
+    tiny_config.train.optimizer.weight_decay = 0.0
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    reference = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    reference.load_state_dict(model.state_dict())
+    fused, plain = build_optimizer(tiny_config, model), torch.optim.SGD(
+        reference.parameters(), lr=tiny_config.train.optimizer.lr, momentum=tiny_config.train.optimizer.momentum)
+    assert fused.defaults.get("fused")
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    fused.found_inf = torch.tensor(1.0)  # skipped on the device, as the trainer does on CUDA
+    fused.step()
+    del fused.found_inf
+    assert all(torch.equal(fused.state[p]["momentum_buffer"], torch.zeros_like(p)) for p in model.parameters())
+    for _ in range(2):  # then real steps: exactly plain SGD's (weight decay 0 on both sides)
+        for p, q in zip(model.parameters(), reference.parameters()):
+            p.grad = torch.ones_like(p)
+            q.grad = torch.ones_like(q)
+        fused.step()
+        plain.step()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q)

@@ -78,9 +78,24 @@ def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
             (no_decay if is_norm or name == "bias" else decay).append(param)
     groups = [{"params": decay, "weight_decay": opt.weight_decay},
               {"params": no_decay, "weight_decay": opt.weight_decay_norm}]
-    if opt.type == "sgd":
-        return torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum)
-    return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas))
+    # fused=True where torch has the kernel for these parameters (CPU and CUDA since torch 2.4):
+    # one kernel per step, and the step can be skipped on a device-side flag (found_inf).
+    for fused in (True, False):
+        try:
+            if opt.type == "sgd":
+                optimizer = torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, fused=fused)
+            else:
+                optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), fused=fused)
+            break
+        except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
+            continue
+    if optimizer.defaults.get("fused") and opt.type == "sgd" and opt.momentum:
+        # A fused step skipped on found_inf before any real step leaves an *uninitialised*
+        # momentum buffer behind; zeros give the first real step exactly what SGD does (buf = grad).
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)
+    return optimizer
 
 
 def lr_factor(config: Config, iteration: int) -> float:
@@ -171,6 +186,11 @@ class Trainer:
         self.iteration = 0
         self.samples_seen = 0  # the sampler's position in the training stream
         self.bad_steps = 0  # consecutive steps skipped for a non-finite loss or gradient
+        # On CUDA the step does not wait for the GPU to tell whether it was finite: the fused
+        # optimizer skips on a device-side flag, and the flags are read once per log window
+        # (settle_skipped_steps). On CPU there is nothing to wait for: each step is checked at once.
+        self.defer_finite_checks = self.device.type == "cuda" and bool(self.optimizer.defaults.get("fused"))
+        self._unsettled: list[tuple] = []  # deferred mode: (iteration, image ids, flag, losses, grad norm)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         # Trainable BatchNorm updates its statistics in the forward pass; a skipped step restores them.
         self._bn_buffers = [buf for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
@@ -237,13 +257,15 @@ class Trainer:
             self.samples_seen += len(batch.image_ids) * world
             window_images += len(batch.image_ids) * world
             if losses is not None:
-                window_iters += 1
+                window_iters = window_iters + losses.pop("steps", 1)  # a tensor when deferred
                 for key, value in losses.items():
                     sums[key] = sums.get(key, 0) + value.detach()
 
             if self.iteration % cfg.log_period == 0 or self.iteration == cfg.max_iter:
+                self.settle_skipped_steps()
                 now = time.perf_counter()
-                means = {k: float(v) / max(window_iters, 1) for k, v in sums.items()}  # one sync a window
+                window_iters = float(window_iters)  # one sync a window
+                means = {k: float(v) / window_iters for k, v in sums.items()} if window_iters else {}
                 data_time = window_data_time / (self.iteration - window_start)
                 sums, window_iters, window_data_time, window_start = {}, 0, 0.0, self.iteration
                 ips = window_images / max(now - window_time, 1e-9)
@@ -268,7 +290,9 @@ class Trainer:
     def step(self, batch) -> Optional[dict[str, torch.Tensor]]:
         """One optimisation step; returns the detached losses, or None when the step was skipped
         because its loss or gradient is not finite (weights and BatchNorm statistics unchanged).
-        Costs one host sync, the finiteness check."""
+        On CPU that check is immediate. With defer_finite_checks (CUDA) nothing waits for the
+        device: the losses come back zeroed, with "steps" 0, for a skipped step, which is logged
+        at the next settle_skipped_steps."""
         saved_stats = [buf.clone() for buf in self._bn_buffers]
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
             out = self.network(batch.images)
@@ -286,35 +310,77 @@ class Trainer:
         finite = torch.isfinite(total) & (torch.isfinite(grad_norm) | self.use_amp)
         # Every rank takes the same decision (DDP already shares non-finite gradients; a loss that
         # is non-finite on one rank only would otherwise desynchronise the AMP scalers).
-        if not bool(all_reduce_max((~finite).float()) == 0):
-            self._skip_step(batch, losses, grad_norm, saved_stats)
-            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose
-                warnings.simplefilter("ignore", UserWarning)
-                self.scheduler.step()  # the iteration still counts: the schedule stays on time
+        skip = all_reduce_max((~finite).float())  # () 1.0: skip this step
+        result = {"loss": total.detach(), "loss_cls": losses["loss_cls"].detach(),
+                  "loss_box": losses["loss_box"].detach(), "num_fg": losses["num_fg"].float(),
+                  "grad_norm": grad_norm.detach().float()}
+        if self.defer_finite_checks:
+            return self._step_or_skip_on_device(batch, result, skip, saved_stats)
+        if bool(skip):  # the step's one host sync (none on CUDA: see defer_finite_checks)
+            self.optimizer.zero_grad(set_to_none=True)
+            for buf, saved in zip(self._bn_buffers, saved_stats):
+                buf.copy_(saved)
+            self._scheduler_step()
+            self._count_step(self.iteration + 1, batch.image_ids, result)
             return None
-        self.bad_steps = 0
+        self._count_step(self.iteration + 1, batch.image_ids, None)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
-        return {"loss": total.detach(), "loss_cls": losses["loss_cls"].detach(),
-                "loss_box": losses["loss_box"].detach(), "num_fg": losses["num_fg"].float(),
-                "grad_norm": grad_norm.detach().float()}
+        return result
 
-    def _skip_step(self, batch, losses: dict, grad_norm: torch.Tensor, saved_stats: list) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+    def _step_or_skip_on_device(self, batch, result: dict, skip: torch.Tensor,
+                                saved_stats: list) -> dict:
+        """The step without a host sync: the fused optimizer leaves weights and state untouched
+        when `skip` (under AMP, when the scaler's own overflow flag) is set, BatchNorm statistics
+        are restored with a select, and the flag waits in _unsettled for settle_skipped_steps.
+        Returns the losses zeroed on a skipped step, with "steps" = 1 or 0."""
         for buf, saved in zip(self._bn_buffers, saved_stats):
-            buf.copy_(saved)
+            buf.copy_(torch.where(skip > 0, saved, buf))
+        if not self.use_amp:  # under AMP the scaler sets found_inf (a NaN loss gives NaN grads)
+            self.optimizer.found_inf = skip
+        try:
+            self.scaler.step(self.optimizer)
+        finally:
+            if not self.use_amp:
+                del self.optimizer.found_inf
+        self.scaler.update()
+        self._scheduler_step()
+        self._unsettled.append((self.iteration + 1, batch.image_ids, skip, result))
+        kept = {key: torch.where(skip > 0, torch.zeros_like(value), value) for key, value in result.items()}
+        kept["steps"] = 1 - skip
+        return kept
+
+    def settle_skipped_steps(self) -> None:
+        """Reads the deferred finiteness flags (one host sync), logs the skipped steps and stops
+        after train.max_bad_steps in a row, as the immediate check does. No-op on CPU."""
+        if not self._unsettled:
+            return
+        pending, self._unsettled = self._unsettled, []
+        flags = torch.stack([skip for _, _, skip, _ in pending]).tolist()
+        for (iteration, image_ids, _, result), flag in zip(pending, flags):
+            self._count_step(iteration, image_ids, result if flag else None)
+
+    def _scheduler_step(self) -> None:
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()" on a skipped step
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()  # a skipped iteration still counts: the schedule stays on time
+
+    def _count_step(self, iteration: int, image_ids, skipped: Optional[dict]) -> None:
+        """Counts consecutive skipped steps; `skipped` holds a skipped step's losses, None for a
+        good step."""
+        if skipped is None:
+            self.bad_steps = 0
+            return
         self.bad_steps += 1
-        iteration = self.iteration + 1
         self.writer.add_scalar("train/skipped_step", 1, iteration)
         self.log(f"iteration {iteration}: non-finite loss or gradient (loss_cls "
-                 f"{float(losses['loss_cls'].detach()):.4g}, loss_box "
-                 f"{float(losses['loss_box'].detach()):.4g}, grad norm "
-                 f"{float(grad_norm):.4g}); step skipped, weights unchanged; image ids {batch.image_ids}")
+                 f"{float(skipped['loss_cls']):.4g}, loss_box {float(skipped['loss_box']):.4g}, grad norm "
+                 f"{float(skipped['grad_norm']):.4g}); step skipped, weights unchanged; image ids {image_ids}")
         if self.bad_steps >= self.config.train.max_bad_steps:
             raise FloatingPointError(
                 f"{self.bad_steps} consecutive steps with a non-finite loss or gradient (the last at "
-                f"iteration {iteration}, image ids {batch.image_ids}); stopping. Check the data with "
+                f"iteration {iteration}, image ids {image_ids}); stopping. Check the data with "
                 "tools/check_dataset.py, lower train.optimizer.lr or set train.clip_grad_norm")
 
     def _log_step(self, means: dict[str, float], images_per_sec: float, eta: float,
@@ -340,6 +406,7 @@ class Trainer:
     def evaluate(self, visualize: bool = False) -> dict:
         if self.val_set is None:
             raise ValueError("no validation set: set data.val.images and data.val.annotations")
+        self.settle_skipped_steps()
         broadcast_buffers(self.model)
         loader = build_test_loader(self.val_set, batch_size=self.config.eval.batch_size,
                                    num_workers=self.config.data.num_workers,
@@ -396,6 +463,7 @@ class Trainer:
         """Writes a checkpoint atomically, then keeps only the newest train.keep_checkpoints
         periodic ones. Refuses (FloatingPointError) to write weights that are not finite."""
         path = self.output_dir / name
+        self.settle_skipped_steps()  # the checkpoint's bad_steps must be current
         broadcast_buffers(self.model)
         state = self.model.state_dict()
         bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]

@@ -116,22 +116,79 @@ def _compiled(*args):
 def _eager(logits: Tensor, targets: Optional[Tensor], classes: Optional[Tensor],
            row_weights: Optional[Tensor], alpha: Optional[float], gamma: float, t_pos: float,
            t_neg: float, need_grad: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """_loss_and_grad over row chunks that fit in cache; the gradient is the only (N, K) tensor."""
+    """The loss over row chunks that fit in cache; the gradient is the only (N, K) tensor.
+
+    With class targets every entry is first scored as a negative (target t_neg: a scalar, so
+    about half the elementwise passes of the general form), then the one positive entry of each
+    foreground row is corrected on its own (a (P,) vector)."""
     num_rows, num_classes = logits.shape
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     grad = torch.empty(logits.shape, dtype=dtype, device=logits.device) if need_grad else None
-    total = torch.zeros((), dtype=dtype, device=logits.device)
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, num_classes))
     for start in range(0, num_rows, chunk):
         rows = slice(start, min(start + chunk, num_rows))
-        part, g = _loss_and_grad(
-            logits[rows], None if targets is None else targets[rows],
-            None if classes is None else classes[rows],
-            None if row_weights is None else row_weights[rows], alpha, gamma, t_pos, t_neg, need_grad)
+        weights = None if row_weights is None else row_weights[rows]
+        if classes is not None:
+            total += _negative_terms(logits[rows].to(dtype), weights, alpha, gamma, t_neg,
+                                     grad[rows] if need_grad else None)
+            continue
+        part, g = _loss_and_grad(logits[rows], targets[rows], None, weights, alpha, gamma,
+                                 t_pos, t_neg, need_grad)
         total += part
         if need_grad:
             grad[rows] = g
-    return total, grad
+    if classes is not None:
+        fg_rows = torch.nonzero((classes >= 0) & (classes < num_classes), as_tuple=True)[0]
+        fg_classes = classes[fg_rows]
+        x = logits[fg_rows, fg_classes][:, None]
+        weights = None if row_weights is None else row_weights[fg_rows]
+        positive, g = _loss_and_grad(x, torch.full_like(x, t_pos, dtype=dtype), None, weights,
+                                     alpha, gamma, t_pos, t_neg, need_grad)
+        negative, _ = _loss_and_grad(x, torch.full_like(x, t_neg, dtype=dtype), None, weights,
+                                     alpha, gamma, t_pos, t_neg, False)
+        total += positive.double() - negative.double()
+        if need_grad:
+            grad[fg_rows, fg_classes] = g[:, 0]
+    return total.to(dtype), grad
+
+
+def _negative_terms(x: Tensor, row_weights: Optional[Tensor], alpha: Optional[float], gamma: float,
+                    t: float, grad_out: Optional[Tensor]) -> Tensor:
+    """_loss_and_grad for one scalar target t everywhere: x (n, K) float, row_weights (n,) or None.
+    Writes the gradient into grad_out (n, K) when given; returns the float64 sum."""
+    p = torch.sigmoid(x)
+    ce = F.softplus(x)
+    if t:
+        ce.sub_(x, alpha=t)
+    a = 1.0 - 2.0 * t
+    m = p if t == 0 else p.mul(a).add_(t)
+    alpha_t = t * (2 * alpha - 1) + (1 - alpha) if alpha is not None and alpha >= 0 else 1.0
+    if gamma == 0:
+        mod = None
+    elif gamma == 2:
+        mod = m * m
+    else:
+        mod = m.pow(gamma)
+    per_row = (ce if mod is None else ce * mod).sum(dim=1, dtype=torch.float64)
+    total = (per_row if row_weights is None else per_row * row_weights.double()).sum() * alpha_t
+    if grad_out is None:
+        return total
+    # dFL/dx = alpha_t w [(p - t) m^gamma + ce gamma m^(gamma - 1) a p (1 - p)]
+    pq = torch.rsub(p, 1.0).mul_(p)
+    g = p.sub(t) if t else p.clone()
+    if mod is None:
+        pass
+    elif gamma == 2:
+        g.mul_(mod).add_(ce.mul_(m).mul_(pq), alpha=2.0 * a)
+    else:
+        dmod = gamma * m.clamp(min=torch.finfo(x.dtype).tiny).pow(gamma - 1)
+        g.mul_(mod).add_(ce.mul_(dmod).mul_(pq), alpha=a)
+    if row_weights is None:
+        torch.mul(g, alpha_t, out=grad_out)
+    else:
+        torch.mul(g, (row_weights.to(x.dtype) * alpha_t)[:, None], out=grad_out)
+    return total
 
 
 def _focal_loss_and_grad(kernel: str, logits: Tensor, *args) -> tuple[Tensor, Optional[Tensor]]:

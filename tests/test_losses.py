@@ -3,7 +3,7 @@ import torch
 from torchvision.ops import sigmoid_focal_loss as tv_focal
 
 from retinanet.boxes import BoxCoder
-from retinanet.losses import (Matcher, RetinaNetCriterion, sigmoid_focal_loss,
+from retinanet.losses import (Matcher, RetinaNetCriterion, pad_targets, sigmoid_focal_loss,
                               sigmoid_focal_loss_with_classes)
 from retinanet.losses.box import smooth_l1_loss
 
@@ -211,3 +211,48 @@ def test_kernel_choice_is_checked():
     if not triton_focal_available(logits.device):
         with pytest.raises(RuntimeError, match="triton"):
             sigmoid_focal_loss_with_classes(logits, classes, kernel="triton")
+
+
+@pytest.mark.parametrize("box_loss", ["smooth_l1", "l1", "giou"])
+def test_sync_free_matching_and_box_loss_equal_the_sparse_ones(box_loss, monkeypatch):
+    """The GPU forms (no nonzero / unique, so no host sync), run on CPU against the CPU forms:
+    same matches, same losses, same gradients; images without boxes and padding included."""
+    from retinanet.losses import criterion as criterion_module
+    from retinanet.losses import matcher as matcher_module
+    g = torch.Generator().manual_seed(8)
+    xy = torch.rand(600, 2, generator=g) * 100
+    anchors = torch.cat([xy, xy + 4 + torch.rand(600, 2, generator=g) * 30], dim=1)
+    boxes = [torch.cat([b, b[:, :2] + 6 + torch.rand(len(b), 2, generator=g) * 30], dim=1)
+             for b in (torch.rand(7, 2, generator=g) * 90, torch.zeros(0, 2), torch.rand(3, 2, generator=g) * 90)]
+    labels = [torch.randint(0, 3, (len(b),), generator=g) for b in boxes]
+    cls_logits = torch.randn(3, 600, 3, generator=g)
+    box_deltas = torch.randn(3, 600, 4, generator=g) * 0.2
+    crit = RetinaNetCriterion(num_classes=3, matcher=Matcher(max_iou_elements=2000), box_coder=BoxCoder(),
+                              box_loss=box_loss)
+    results = []
+    for dense in (False, True):
+        monkeypatch.setattr(matcher_module, "sync_free", lambda device: dense)
+        monkeypatch.setattr(criterion_module, "sync_free", lambda device: dense)
+        cls, deltas = cls_logits.clone().requires_grad_(), box_deltas.clone().requires_grad_()
+        losses = crit(cls, deltas, anchors, boxes, labels)
+        (losses["loss_cls"] + losses["loss_box"]).backward()
+        padded = pad_targets(boxes, labels)
+        results.append((crit.matcher(anchors, padded[0], padded[2]), losses, cls.grad, deltas.grad))
+    (m0, l0, c0, d0), (m1, l1, c1, d1) = results
+    assert torch.equal(m0, m1) and l0["num_fg"] > 10
+    torch.testing.assert_close(l1["loss_box"], l0["loss_box"], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(l1["loss_cls"], l0["loss_cls"])
+    torch.testing.assert_close(d1, d0, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(c1, c0)
+    assert d1[1].abs().sum() == 0  # the image without boxes: no box gradient
+
+
+def test_sync_free_batch_of_only_empty_images_keeps_graph(monkeypatch):
+    from retinanet.losses import criterion as criterion_module
+    monkeypatch.setattr(criterion_module, "sync_free", lambda device: True)
+    box_deltas = torch.randn(2, 5, 4, requires_grad=True)
+    empty = [torch.zeros(0, 4), torch.zeros(0, 4)]
+    losses = criterion()(torch.randn(2, 5, 3), box_deltas, ANCHORS, empty, [torch.zeros(0, dtype=torch.long)] * 2)
+    assert losses["loss_box"].item() == 0 and losses["loss_box"].requires_grad
+    losses["loss_box"].backward()
+    assert torch.equal(box_deltas.grad, torch.zeros_like(box_deltas))

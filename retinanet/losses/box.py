@@ -1,6 +1,9 @@
 """Box regression losses over positive anchors, summed (the criterion normalises)."""
 from __future__ import annotations
 
+from typing import Optional
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss
@@ -14,6 +17,9 @@ def smooth_l1_loss(pred_deltas: Tensor, target_deltas: Tensor, beta: float) -> T
     return F.smooth_l1_loss(pred_deltas.float(), target_deltas, beta=beta, reduction="sum")
 
 
-def giou_loss(pred_boxes: Tensor, target_boxes: Tensor) -> Tensor:
-    """(N, 4), (N, 4) xyxy -> scalar sum of 1 - GIoU."""
-    return generalized_box_iou_loss(pred_boxes.float(), target_boxes.float(), reduction="sum")
+def giou_loss(pred_boxes: Tensor, target_boxes: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """(N, 4), (N, 4) xyxy -> scalar sum of 1 - GIoU, over the rows where mask (N,) is True."""
+    if mask is None:
+        return generalized_box_iou_loss(pred_boxes.float(), target_boxes.float(), reduction="sum")
+    per_box = generalized_box_iou_loss(pred_boxes.float(), target_boxes.float(), reduction="none")
+    return torch.where(mask, per_box, torch.zeros_like(per_box)).sum()

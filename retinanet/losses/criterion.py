@@ -14,7 +14,7 @@ from torch.nn.utils.rnn import pad_sequence
 from ..boxes import BoxCoder, box_areas_valid
 from .box import giou_loss, smooth_l1_loss
 from .classification import IGNORE_CLASS, ClassificationLoss, FocalLoss, anchor_class_weights
-from .matcher import BACKGROUND, IGNORE, Matcher
+from .matcher import BACKGROUND, IGNORE, Matcher, sync_free
 
 
 def pad_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -79,16 +79,13 @@ class RetinaNetCriterion(nn.Module):
 
         # Box loss over positives only; with no positive it is an empty sum that is still connected
         # to the graph, so every parameter keeps a gradient (matters under DDP).
-        batch_idx, anchor_idx = torch.nonzero(fg_mask, as_tuple=True)
-        pred = box_deltas[batch_idx, anchor_idx]
-        target_boxes = boxes[batch_idx, matched_idx[batch_idx, anchor_idx]] if labels.shape[1] \
-            else boxes.new_zeros(0, 4)
-        if self.box_loss == "giou":
-            loss_box = giou_loss(self.box_coder.decode(pred, anchors[anchor_idx]), target_boxes)
+        if sync_free(anchors.device):
+            loss_box = self._dense_box_loss(box_deltas, anchors, boxes, safe_idx, fg_mask)
         else:
-            target = self.box_coder.encode(anchors[anchor_idx], target_boxes)
-            beta = 0.0 if self.box_loss == "l1" else self.smooth_l1_beta
-            loss_box = smooth_l1_loss(pred, target, beta)
+            batch_idx, anchor_idx = torch.nonzero(fg_mask, as_tuple=True)
+            loss_box = self._box_loss(box_deltas[batch_idx, anchor_idx], anchors[anchor_idx],
+                                      boxes[batch_idx, safe_idx[batch_idx, anchor_idx]]
+                                      if labels.shape[1] else boxes.new_zeros(0, 4))
 
         normalizer = self._normalizer(num_fg)
         if self.cls_loss.normalized_by_num_fg:
@@ -96,6 +93,32 @@ class RetinaNetCriterion(nn.Module):
         return {"loss_cls": self.cls_weight * loss_cls,
                 "loss_box": self.box_weight * loss_box / normalizer,
                 "num_fg": num_fg.detach()}
+
+    def _box_loss(self, pred: Tensor, anchors: Tensor, target_boxes: Tensor) -> Tensor:
+        """Summed box loss of deltas (N, 4) at anchors (N, 4) against boxes (N, 4) xyxy."""
+        if self.box_loss == "giou":
+            return giou_loss(self.box_coder.decode(pred, anchors), target_boxes)
+        beta = 0.0 if self.box_loss == "l1" else self.smooth_l1_beta
+        return smooth_l1_loss(pred, self.box_coder.encode(anchors, target_boxes), beta)
+
+    def _dense_box_loss(self, box_deltas: Tensor, anchors: Tensor, boxes: Tensor, safe_idx: Tensor,
+                        fg_mask: Tensor) -> Tensor:
+        """_box_loss over every anchor of the batch (B, A), background ones made exact zeros: no
+        nonzero(), which waits for the GPU to know how many positives there are."""
+        batch, num_anchors = fg_mask.shape
+        pred = box_deltas.reshape(-1, 4)
+        flat_anchors = anchors.expand(batch, num_anchors, 4).reshape(-1, 4)
+        fg = fg_mask.reshape(-1, 1)
+        if boxes.shape[1] == 0:
+            return self._box_loss(pred[:0], flat_anchors[:0], boxes.new_zeros(0, 4)) + 0 * pred.sum()
+        target_boxes = torch.gather(boxes, 1, safe_idx[..., None].expand(-1, -1, 4)).reshape(-1, 4)
+        if self.box_loss == "giou":
+            decoded = self.box_coder.decode(pred, flat_anchors)
+            # a background anchor's target: its own prediction (finite, unlike a padding box)
+            return giou_loss(decoded, torch.where(fg, target_boxes, decoded.detach()), fg[:, 0])
+        target = torch.where(fg, self.box_coder.encode(flat_anchors, target_boxes), pred.detach().float())
+        beta = 0.0 if self.box_loss == "l1" else self.smooth_l1_beta
+        return smooth_l1_loss(pred, target, beta)
 
     def _normalizer(self, num_fg: Tensor) -> Tensor:
         num_fg = self.reduce_num_fg(num_fg.float())

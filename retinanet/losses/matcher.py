@@ -1,6 +1,8 @@
 """IoU matching of anchors to ground truth, for a whole batch at once."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -8,6 +10,13 @@ from ..boxes import broadcast_iou, pairwise_iou
 
 BACKGROUND = -1
 IGNORE = -2
+
+
+def sync_free(device: torch.device) -> bool:
+    """Whether matching and loss avoid ops whose output size depends on the data (nonzero,
+    unique): they make the host wait for the device. On accelerators only; on CPU there is
+    nothing to wait for and the sparse forms are faster."""
+    return device.type != "cpu"
 
 
 class Matcher:
@@ -27,13 +36,14 @@ class Matcher:
     """
 
     def __init__(self, *, fg_iou: float = 0.5, bg_iou: float = 0.4, allow_low_quality: bool = True,
-                 max_iou_elements: int = 2 ** 18):
+                 max_iou_elements: Optional[int] = None):
         if not 0 < bg_iou <= fg_iou <= 1:
             raise ValueError(f"need 0 < bg_iou <= fg_iou <= 1, got bg_iou={bg_iou}, fg_iou={fg_iou}")
         self.fg_iou, self.bg_iou, self.allow_low_quality = fg_iou, bg_iou, allow_low_quality
         # The (B, M, chunk) IoU block is computed for chunks of anchors with at most this many
-        # elements (2^18 floats = 1 MB): its dozen elementwise passes then run in cache instead of
-        # streaming a (B, M, A) matrix through memory, which bounds the memory too.
+        # elements. None: 2^18 floats (1 MB) on CPU, where its dozen elementwise passes then run
+        # in cache instead of streaming a (B, M, A) matrix through memory; 2^25 (128 MB) on a GPU,
+        # where fewer, bigger kernels win. Either way the memory is bounded.
         self.max_iou_elements = max_iou_elements
 
     def __call__(self, anchors: Tensor, gt_boxes: Tensor, gt_valid: Tensor) -> Tensor:
@@ -48,7 +58,8 @@ class Matcher:
         if max_boxes == 0:
             return torch.full((batch, num_anchors), BACKGROUND, dtype=torch.long, device=device)
         gt_flat, anchors = gt_boxes.reshape(-1, 4).float(), anchors.float()
-        chunk = max(1, self.max_iou_elements // (batch * max_boxes))
+        max_elements = self.max_iou_elements or (2 ** 25 if sync_free(device) else 2 ** 18)
+        chunk = max(1, max_elements // (batch * max_boxes))
         num_chunks = -(-num_anchors // chunk)
 
         best_iou = torch.empty(batch, num_anchors, device=device)
@@ -63,9 +74,27 @@ class Matcher:
             torch.amax(iou, dim=1, out=chunk_best[:, index])
         result.masked_fill_(best_iou < self.fg_iou, IGNORE)
         result.masked_fill_(best_iou < self.bg_iou, BACKGROUND)
-        if self.allow_low_quality:
+        if self.allow_low_quality and sync_free(device):
+            self._add_low_quality_dense(result, anchors, gt_flat, gt_valid, chunk_best, chunk)
+        elif self.allow_low_quality:
             self._add_low_quality(result, anchors, gt_flat, gt_valid, chunk_best, chunk)
         return result
+
+    @staticmethod
+    def _add_low_quality_dense(result: Tensor, anchors: Tensor, gt_flat: Tensor, gt_valid: Tensor,
+                               chunk_best: Tensor, chunk: int) -> None:
+        """_add_low_quality without nonzero / unique (each a host sync on a GPU): every chunk's
+        IoU block is recomputed and searched for the boxes' best anchors."""
+        batch, max_boxes = gt_valid.shape
+        best_per_gt = chunk_best.max(dim=1).values.view(batch, max_boxes, 1)
+        usable = gt_valid[..., None] & (best_per_gt > 0)
+        for start in range(0, anchors.shape[0], chunk):
+            cols = slice(start, start + chunk)
+            iou = pairwise_iou(gt_flat, anchors[cols]).view(batch, max_boxes, -1)
+            is_best = (iou == best_per_gt) & usable  # (B, M, chunk): anchor is a best anchor of box m
+            # Among the boxes an anchor is best for, the one it overlaps most (the first on ties).
+            best_for_gt = iou.masked_fill_(~is_best, -1.0).max(dim=1).indices
+            result[:, cols] = torch.where(is_best.any(dim=1), best_for_gt, result[:, cols])
 
     @staticmethod
     def _add_low_quality(result: Tensor, anchors: Tensor, gt_flat: Tensor, gt_valid: Tensor,

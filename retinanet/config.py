@@ -111,9 +111,11 @@ class ModelConfig:
     # Memory layout: None = channels_last on CPU (faster there), contiguous on CUDA; false =
     # contiguous everywhere, torchvision's layout (needed for bit-identical torchvision outputs).
     channels_last: Optional[bool] = None
-    # Inference (Detector, tools/eval.py, infer, export) folds frozen / eval-mode BatchNorm into
-    # the convolution before it: one pass over the activations less per norm, ~15 % faster on
-    # CPU; false keeps torchvision's exact rounding (its configs set false).
+    # Frozen BatchNorm folded into the convolution before it: in training the conv scales its
+    # weights at each call (same gradients, same checkpoint keys), and inference (Detector,
+    # tools/eval.py, infer, export) folds every frozen / eval-mode norm once. Two passes over
+    # the activations less per norm (~15 % of R50-FPN inference on CPU); false keeps
+    # torchvision's exact rounding (its configs set false).
     fold_batchnorm: bool = True
     # Initial weights of the whole model for fine-tuning (a checkpoint of ours, or one converted by
     # tools/convert_torchvision.py). Parameters whose shape differs (the classifier, when the class

@@ -121,3 +121,37 @@ def test_fold_batchnorm_leaves_training_batchnorm_alone():
     cfg.backbone.depth, cfg.backbone.norm, cfg.backbone.freeze_at = 18, "bn", 0
     model = build_model(cfg, 4, load_backbone_weights=False).train()
     assert fold_batchnorm(model) == 0  # batch statistics are not a fixed affine map
+
+
+def test_fused_frozen_batchnorm_trains_like_the_two_step_form():
+    """Training with FrozenBN applied inside the conv: same outputs, same gradients, same
+    state-dict keys as conv then FrozenBN."""
+    from retinanet.model.fold import fuse_frozen_batchnorm
+    torch.manual_seed(0)
+    cfg = small_cfg(freeze_at=0)
+    cfg.fold_batchnorm = False
+    plain = build_model(cfg, num_classes=4)
+    for module in plain.modules():
+        if isinstance(module, FrozenBatchNorm2d):
+            module.weight.uniform_(0.5, 1.5)
+            module.bias.uniform_(-0.2, 0.2)
+            module.running_mean.uniform_(-0.3, 0.3)
+            module.running_var.uniform_(0.5, 2.0)
+    cfg.fold_batchnorm = True
+    fused = build_model(cfg, num_classes=4)
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    fused.load_state_dict(plain.state_dict())
+    images = torch.rand(2, 3, 96, 128)
+    outs = []
+    for model in (plain, fused):
+        out = model.train()(images)
+        (out.cls_logits.square().mean() + out.box_deltas.square().mean()).backward()
+        outs.append((out, {n: p.grad for n, p in model.named_parameters()}))
+    (a, grads_a), (b, grads_b) = outs
+    torch.testing.assert_close(b.cls_logits, a.cls_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b.box_deltas, a.box_deltas, rtol=1e-4, atol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and grads_a["backbone.stem.0.weight"] is not None
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-3, atol=1e-5)
+    assert sum(type(m).__name__ == "_ConvFrozenBN" for m in fused.modules()) == 20  # R18: all of them
+    assert fuse_frozen_batchnorm(fused) == 0  # already fused: nothing left to do

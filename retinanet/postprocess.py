@@ -84,7 +84,7 @@ class PostProcessor:
         return torch.cat([logits, background], dim=-1).softmax(dim=-1)[..., :-1]
 
 
-# Scores per block in batched_topk: the k best blocks hold k * 128 candidates.
+# Scores per block in batched_topk: the k best blocks hold k * _TOPK_BLOCK candidates.
 _TOPK_BLOCK = 64
 
 

@@ -10,6 +10,7 @@ import random
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -80,15 +81,14 @@ def build_optimizer(config: Config, model: nn.Module) -> torch.optim.Optimizer:
               {"params": no_decay, "weight_decay": opt.weight_decay_norm}]
     # fused=True where torch has the kernel for these parameters (CPU and CUDA since torch 2.4):
     # one kernel per step, and the step can be skipped on a device-side flag (found_inf).
-    for fused in (True, False):
-        try:
-            if opt.type == "sgd":
-                optimizer = torch.optim.SGD(groups, lr=opt.lr, momentum=opt.momentum, fused=fused)
-            else:
-                optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), fused=fused)
-            break
-        except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
-            continue
+    if opt.type == "sgd":
+        make = partial(torch.optim.SGD, groups, lr=opt.lr, momentum=opt.momentum)
+    else:
+        make = partial(torch.optim.AdamW, groups, lr=opt.lr, betas=tuple(opt.betas))
+    try:
+        optimizer = make(fused=True)
+    except (RuntimeError, ValueError):  # no fused kernel for this device or dtype
+        optimizer = make(fused=False)
     if optimizer.defaults.get("fused") and opt.type == "sgd" and opt.momentum:
         # A fused step skipped on found_inf before any real step leaves an *uninitialised*
         # momentum buffer behind; zeros give the first real step exactly what SGD does (buf = grad).
@@ -190,7 +190,7 @@ class Trainer:
         # optimizer skips on a device-side flag, and the flags are read once per log window
         # (settle_skipped_steps). On CPU there is nothing to wait for: each step is checked at once.
         self.defer_finite_checks = self.device.type == "cuda" and bool(self.optimizer.defaults.get("fused"))
-        self._unsettled: list[tuple] = []  # deferred mode: (iteration, image ids, flag, losses, grad norm)
+        self._unsettled: list[tuple] = []  # deferred mode: (iteration, image ids, skip flag, losses)
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         # Trainable BatchNorm updates its statistics in the forward pass; a skipped step restores them.
         self._bn_buffers = [buf for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)

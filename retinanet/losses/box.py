@@ -9,12 +9,17 @@ from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss
 
 
-def smooth_l1_loss(pred_deltas: Tensor, target_deltas: Tensor, beta: float) -> Tensor:
-    """(N, 4), (N, 4) -> scalar sum. beta == 0 is plain L1: smooth-L1's 0.5 x^2 / beta branch would
-    divide by zero and give NaN gradients through torch.where."""
+def smooth_l1_loss(pred_deltas: Tensor, target_deltas: Tensor, beta: float,
+                   mask: Optional[Tensor] = None) -> Tensor:
+    """(N, 4), (N, 4) -> scalar sum, over the rows where mask (N,) is True. beta == 0 is plain L1:
+    smooth-L1's 0.5 x^2 / beta branch would divide by zero and give NaN gradients through
+    torch.where."""
+    reduction = "sum" if mask is None else "none"
     if beta < 1e-5:
-        return F.l1_loss(pred_deltas.float(), target_deltas, reduction="sum")
-    return F.smooth_l1_loss(pred_deltas.float(), target_deltas, beta=beta, reduction="sum")
+        loss = F.l1_loss(pred_deltas.float(), target_deltas, reduction=reduction)
+    else:
+        loss = F.smooth_l1_loss(pred_deltas.float(), target_deltas, beta=beta, reduction=reduction)
+    return loss if mask is None else torch.where(mask[:, None], loss, torch.zeros_like(loss)).sum()
 
 
 def giou_loss(pred_boxes: Tensor, target_boxes: Tensor, mask: Optional[Tensor] = None) -> Tensor:

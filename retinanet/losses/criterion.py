@@ -94,12 +94,14 @@ class RetinaNetCriterion(nn.Module):
                 "loss_box": self.box_weight * loss_box / normalizer,
                 "num_fg": num_fg.detach()}
 
-    def _box_loss(self, pred: Tensor, anchors: Tensor, target_boxes: Tensor) -> Tensor:
-        """Summed box loss of deltas (N, 4) at anchors (N, 4) against boxes (N, 4) xyxy."""
+    def _box_loss(self, pred: Tensor, anchors: Tensor, target_boxes: Tensor,
+                  mask: Optional[Tensor] = None) -> Tensor:
+        """Summed box loss of deltas (N, 4) at anchors (N, 4) against boxes (N, 4) xyxy, over the
+        rows where mask (N,) is True (all when None)."""
         if self.box_loss == "giou":
-            return giou_loss(self.box_coder.decode(pred, anchors), target_boxes)
+            return giou_loss(self.box_coder.decode(pred, anchors), target_boxes, mask)
         beta = 0.0 if self.box_loss == "l1" else self.smooth_l1_beta
-        return smooth_l1_loss(pred, self.box_coder.encode(anchors, target_boxes), beta)
+        return smooth_l1_loss(pred, self.box_coder.encode(anchors, target_boxes), beta, mask)
 
     def _dense_box_loss(self, box_deltas: Tensor, anchors: Tensor, boxes: Tensor, safe_idx: Tensor,
                         fg_mask: Tensor) -> Tensor:
@@ -108,17 +110,13 @@ class RetinaNetCriterion(nn.Module):
         batch, num_anchors = fg_mask.shape
         pred = box_deltas.reshape(-1, 4)
         flat_anchors = anchors.expand(batch, num_anchors, 4).reshape(-1, 4)
-        fg = fg_mask.reshape(-1, 1)
         if boxes.shape[1] == 0:
             return self._box_loss(pred[:0], flat_anchors[:0], boxes.new_zeros(0, 4)) + 0 * pred.sum()
+        fg = fg_mask.reshape(-1)
         target_boxes = torch.gather(boxes, 1, safe_idx[..., None].expand(-1, -1, 4)).reshape(-1, 4)
-        if self.box_loss == "giou":
-            decoded = self.box_coder.decode(pred, flat_anchors)
-            # a background anchor's target: its own prediction (finite, unlike a padding box)
-            return giou_loss(decoded, torch.where(fg, target_boxes, decoded.detach()), fg[:, 0])
-        target = torch.where(fg, self.box_coder.encode(flat_anchors, target_boxes), pred.detach().float())
-        beta = 0.0 if self.box_loss == "l1" else self.smooth_l1_beta
-        return smooth_l1_loss(pred, target, beta)
+        # a background anchor's target is the anchor itself (finite, unlike a padding box); masked out
+        target_boxes = torch.where(fg[:, None], target_boxes, flat_anchors)
+        return self._box_loss(pred, flat_anchors, target_boxes, fg)
 
     def _normalizer(self, num_fg: Tensor) -> Tensor:
         num_fg = self.reduce_num_fg(num_fg.float())

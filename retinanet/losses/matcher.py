@@ -74,21 +74,24 @@ class Matcher:
             torch.amax(iou, dim=1, out=chunk_best[:, index])
         result.masked_fill_(best_iou < self.fg_iou, IGNORE)
         result.masked_fill_(best_iou < self.bg_iou, BACKGROUND)
-        if self.allow_low_quality and sync_free(device):
-            self._add_low_quality_dense(result, anchors, gt_flat, gt_valid, chunk_best, chunk)
-        elif self.allow_low_quality:
-            self._add_low_quality(result, anchors, gt_flat, gt_valid, chunk_best, chunk)
+        if self.allow_low_quality:
+            best_per_gt = chunk_best.max(dim=1).values  # (B * M,)
+            # Boxes with zero overlap everywhere would make every anchor "best": skip them.
+            usable = gt_valid.reshape(-1) & (best_per_gt > 0)
+            low_quality = self._add_low_quality_dense if sync_free(device) else self._add_low_quality
+            low_quality(result, anchors, gt_flat, best_per_gt, usable, chunk_best, chunk)
         return result
 
     @staticmethod
-    def _add_low_quality_dense(result: Tensor, anchors: Tensor, gt_flat: Tensor, gt_valid: Tensor,
-                               chunk_best: Tensor, chunk: int) -> None:
+    def _add_low_quality_dense(result: Tensor, anchors: Tensor, gt_flat: Tensor, best_per_gt: Tensor,
+                               usable: Tensor, chunk_best: Tensor, chunk: int) -> None:
         """_add_low_quality without nonzero / unique (each a host sync on a GPU): every chunk's
         IoU block is recomputed and searched for the boxes' best anchors."""
-        batch, max_boxes = gt_valid.shape
-        best_per_gt = chunk_best.max(dim=1).values.view(batch, max_boxes, 1)
-        usable = gt_valid[..., None] & (best_per_gt > 0)
-        for start in range(0, anchors.shape[0], chunk):
+        batch, num_anchors = result.shape
+        max_boxes = best_per_gt.shape[0] // batch
+        best_per_gt = best_per_gt.view(batch, max_boxes, 1)
+        usable = usable.view(batch, max_boxes, 1)
+        for start in range(0, num_anchors, chunk):
             cols = slice(start, start + chunk)
             iou = pairwise_iou(gt_flat, anchors[cols]).view(batch, max_boxes, -1)
             is_best = (iou == best_per_gt) & usable  # (B, M, chunk): anchor is a best anchor of box m
@@ -97,16 +100,14 @@ class Matcher:
             result[:, cols] = torch.where(is_best.any(dim=1), best_for_gt, result[:, cols])
 
     @staticmethod
-    def _add_low_quality(result: Tensor, anchors: Tensor, gt_flat: Tensor, gt_valid: Tensor,
-                         chunk_best: Tensor, chunk: int) -> None:
+    def _add_low_quality(result: Tensor, anchors: Tensor, gt_flat: Tensor, best_per_gt: Tensor,
+                         usable: Tensor, chunk_best: Tensor, chunk: int) -> None:
         """Makes every usable box's best anchors positive, matched to the box they are best for,
-        in place in result (B, A). Only the chunks that hold a box's best IoU are revisited, one
-        box against one chunk of anchors each (a few hundred x chunk IoUs, not B x M x A)."""
-        batch, max_boxes = gt_valid.shape
-        num_anchors = anchors.shape[0]
-        best_per_gt = chunk_best.max(dim=1).values  # (B * M,)
-        # Boxes with zero overlap everywhere would make every anchor "best": skip them.
-        usable = gt_valid.reshape(-1) & (best_per_gt > 0)
+        in place in result (B, A); best_per_gt, usable: (B * M,). Only the chunks that hold a
+        box's best IoU are revisited, one box against one chunk of anchors each (a few hundred x
+        chunk IoUs, not B x M x A)."""
+        batch, num_anchors = result.shape
+        max_boxes = best_per_gt.shape[0] // batch
         box, where = torch.nonzero((chunk_best == best_per_gt[:, None]) & usable[:, None], as_tuple=True)
         if box.numel() == 0:
             return

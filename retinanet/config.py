@@ -132,9 +132,10 @@ class ClsLossConfig:
     alpha: Optional[float] = 0.25  # focal, bce, softmax_focal; None: no positive/negative balancing
     gamma: float = 2.0  # focal, softmax_focal
     label_smoothing: float = 0.0  # focal, bce (towards 0.5), softmax_focal (towards 1/(K+1))
-    # focal, bce: auto (Triton on CUDA when it imports, else eager torch) | eager | compile
-    # (torch.compile of the same math, one fused loop: ~1.5x eager on CPU, compiled once per
-    # process in a few seconds) | triton
+    # focal, bce: auto (Triton on CUDA when it imports; on CPU compile from 4M logits up, else
+    # eager) | eager (torch ops over cache-sized chunks) | compile (torch.compile of the same
+    # math, one fused loop: ~3x eager on CPU; compiled once, ~13 s cold, ~3 s from torch's disk
+    # cache; falls back to eager with a warning where it cannot compile) | triton
     kernel: Literal["auto", "eager", "compile", "triton"] = "auto"
     ghm_bins: int = 30  # the GHM paper's setting (with momentum 0.75)
     ghm_momentum: float = 0.75  # EMA of the gradient-density histogram

@@ -7,12 +7,12 @@
 Cases (float32 on both sides):
   focal   sigmoid focal loss forward + backward at RetinaNet scale, 2 x 76725 anchors x 80 classes
           (torchvision: its sigmoid_focal_loss on one-hot targets; ours: integer class targets),
-          with our default kernel ("auto": Triton on CUDA, eager torch on CPU) and, as
-          focal@compile, with kernel="compile" (torch.compile; its one-time compilation is in
-          the warm-up). On CUDA it also prints our time over that of a copy of the logits (one
-          read + one write: the floor for any kernel).
+          with our default kernel ("auto": Triton on CUDA; at this size torch.compile on CPU,
+          whose one-time compilation is in the warm-up) and, as focal@eager, with the pure-torch
+          kernel. On CUDA it also prints our time over that of a copy of the logits (one read +
+          one write: the floor for any kernel).
   match   matching + loss for 8 images with 50 boxes each (torchvision: RetinaNet.compute_loss);
-          match@compile with loss.cls.kernel=compile
+          match@eager with loss.cls.kernel=eager
   post    postprocessing of 2 images at score threshold 0.0 and 0.05
   step    one training step of R50-FPN at 512 x 512, batch 2 (forward, loss, backward, SGD)
   infer   inference of the same model, batch 2, postprocessing included
@@ -324,8 +324,8 @@ def main() -> int:
         return 0
     rows = []
     for case in args.cases:
-        subs = {"post": ["post@0.0", "post@0.05"], "focal": ["focal", "focal@compile"],
-                "match": ["match", "match@compile"], "step": ["step", "step@amp"],
+        subs = {"post": ["post@0.0", "post@0.05"], "focal": ["focal", "focal@eager"],
+                "match": ["match", "match@eager"], "step": ["step", "step@amp"],
                 "infer": ["infer", "infer@amp"]}
         for sub in subs.get(case, [case]):
             measured = {}

@@ -180,6 +180,52 @@ def test_compiled_kernel_equals_torchvision_and_eager():
     torch.testing.assert_close(g_low, torch.autograd.grad(eager, low)[0])
 
 
+def test_one_exp_sigmoid_and_softplus_match_float64():
+    """The compiled kernel's sigmoid / softplus (one exp, log1p as a series) in float32."""
+    from retinanet.losses.focal import _sigmoid_and_softplus
+    z = torch.linspace(-80, 80, 400001)
+    prob, softplus = _sigmoid_and_softplus(z, one_exp=True)
+    torch.testing.assert_close(prob.double(), torch.sigmoid(z.double()), rtol=1e-6, atol=0)
+    torch.testing.assert_close(softplus.double(), torch.nn.functional.softplus(z.double()), rtol=1e-6, atol=0)
+
+
+def test_compiled_kernel_at_extreme_logits_equals_float64_reference():
+    """The compiled loop takes sigmoid and softplus from one exp(-|x|): exact at saturated logits
+    too, where the positive's gradient is the whole story."""
+    x = torch.tensor([-100.0, -30.0, -5.0, -1e-3, 0.0, 1e-3, 5.0, 30.0, 100.0])
+    logits = x[:, None].repeat(1, 3).requires_grad_()
+    classes = torch.tensor([0, 1, 2, 3, 3, 0, 1, 2, 0])  # 3: background
+    ours = sigmoid_focal_loss_with_classes(logits, classes, kernel="compile")
+    ref_logits = logits.detach().double().requires_grad_()
+    one_hot = torch.nn.functional.one_hot(classes, 4)[:, :3].double()
+    ref = tv_focal(ref_logits, one_hot, reduction="sum")
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-6, atol=0)
+    (g_ours,) = torch.autograd.grad(ours, logits)
+    (g_ref,) = torch.autograd.grad(ref, ref_logits)
+    torch.testing.assert_close(g_ours.double(), g_ref, rtol=1e-5, atol=1e-12)
+
+
+def test_auto_kernel_compiles_big_cpu_inputs_and_a_failed_compile_falls_back_to_eager(monkeypatch):
+    from retinanet.losses import focal
+    rows = -(-focal._COMPILE_MIN_ELEMENTS // 80)  # the smallest (rows, 80) at the threshold
+    assert focal._auto_kernel(torch.empty(rows, 80)) == "compile"
+    assert focal._auto_kernel(torch.empty(rows - 1, 80)) == "eager"  # compiling would not pay
+    assert focal._auto_kernel(torch.empty(rows, 80, dtype=torch.float64)) == "eager"
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+    monkeypatch.setattr(focal, "_compiled_loss_and_grad", broken)
+    monkeypatch.setattr(focal, "_compile_failed", False)
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(300, 6, generator=g).requires_grad_()
+    classes = torch.randint(0, 7, (300,), generator=g)
+    with pytest.warns(UserWarning, match="eager"):
+        ours = sigmoid_focal_loss_with_classes(logits, classes, kernel="compile")
+    assert focal._compile_failed  # warned once, then eager for the rest of the process
+    eager = sigmoid_focal_loss_with_classes(logits, classes, kernel="eager")
+    torch.testing.assert_close(ours, eager, rtol=0, atol=0)
+
+
 def test_fused_gradient_is_handed_over_without_a_copy_and_survives_retain_graph(monkeypatch):
     from retinanet.losses import focal
     buffers = []

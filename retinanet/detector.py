@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -27,9 +28,12 @@ class Detector:
     def __init__(self, model: RetinaNet, *, transform: Callable[[dict], dict], postprocessor: PostProcessor,
                  size_divisibility: int, class_names: Sequence[str] | None = None,
                  label_to_cat_id: dict[int, int] | None = None, device: str | torch.device = "cpu",
-                 channels_last: bool | None = None):
+                 channels_last: bool | None = None, compile: bool = False):
         self.device = torch.device(device)
         self.model = use_fast_memory_format(model, self.device, channels_last)
+        # compile: the network's weights become constants of the compiled graph, so this is for a
+        # model that no longer changes (from_config); self.model stays the eager module (export).
+        self._forward: Callable = _CompiledForward(self.model) if compile else self.model
         self.transform, self.postprocessor = transform, postprocessor
         self.collate = Collate(size_divisibility)
         num_classes = model.num_classes
@@ -70,7 +74,8 @@ class Detector:
         return cls(model.to(device), transform=build_transform(cfg.data, train=False),
                    postprocessor=build_postprocessor(cfg, build_box_coder(cfg)),
                    size_divisibility=cfg.data.size_divisibility, class_names=class_names,
-                   label_to_cat_id=label_to_cat_id, device=device, channels_last=cfg.model.channels_last)
+                   label_to_cat_id=label_to_cat_id, device=device, channels_last=cfg.model.channels_last,
+                   compile=cfg.model.compile_inference)
 
     @torch.no_grad()
     def predict_batch(self, batch: Batch, on_outputs: Callable | None = None) -> list[dict[str, Tensor]]:
@@ -80,7 +85,7 @@ class Detector:
         was_training = self.model.training
         self.model.eval()
         try:
-            out = self.model(batch.images.to(self.device))
+            out = self._forward(batch.images.to(self.device))
             if on_outputs is not None:
                 on_outputs(out, batch)
             return self.postprocessor(out.cls_logits, out.box_deltas, out.anchors,
@@ -99,6 +104,28 @@ class Detector:
         outputs = self.predict_batch(self.collate(samples))
         return [{"boxes": o["boxes"].cpu(), "scores": o["scores"].cpu(), "labels": o["labels"].cpu(),
                  "category_ids": self._cat_id_lookup[o["labels"].cpu()]} for o in outputs]
+
+
+class _CompiledForward:
+    """model(images) through torch.compile with inductor's weight freezing (convolution weights
+    prepacked once, bias / ReLU / residual adds fused into the convolutions), for inference
+    under no_grad. A new input shape compiles again (torch turns the sizes dynamic after the
+    first change). Where compilation fails (no C++ compiler, an unsupported op), one warning,
+    then the eager module: an error of the model itself is raised again by that eager call."""
+
+    def __init__(self, model: RetinaNet):
+        self.model = model
+        self.compiled: Callable | None = torch.compile(model, options={"freezing": True})
+
+    def __call__(self, images: Tensor):
+        if self.compiled is not None:
+            try:
+                return self.compiled(images)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure: eager gives the same
+                self.compiled = None
+                warnings.warn(f"torch.compile of the model failed, running it eagerly "
+                              f"(model.compile_inference): {type(exc).__name__}: {exc}")
+        return self.model(images)
 
 
 def _hw(image: np.ndarray | Tensor) -> tuple[int, int]:

@@ -15,7 +15,8 @@ Cases (float32 on both sides):
           match@eager with loss.cls.kernel=eager
   post    postprocessing of 2 images at score threshold 0.0 and 0.05
   step    one training step of R50-FPN at 512 x 512, batch 2 (forward, loss, backward, SGD)
-  infer   inference of the same model, batch 2, postprocessing included
+  infer   inference of the same model, batch 2, postprocessing included; infer@compile with
+          model.compile_inference=true (torch.compile, weights frozen; compiled in the warm-up)
           step@amp / infer@amp: ours under autocast (bfloat16 on CPU, float16 on CUDA) against
           torchvision in float32: not the same precision, reported apart
 
@@ -263,7 +264,7 @@ def _step(impl: str, device, amp: bool = False):
     return run
 
 
-def _infer(impl: str, device, amp: bool = False):
+def _infer(impl: str, device, amp: bool = False, compile: bool = False):
     import torch
     images = list(torch.rand(2, 3, 512, 512, generator=torch.Generator().manual_seed(5)).to(device))
     if impl == "torchvision":
@@ -273,7 +274,8 @@ def _infer(impl: str, device, amp: bool = False):
     from retinanet.config import load_config
     cfg = load_config(ROOT / "configs/retinanet_R50_FPN_1x_coco.yaml",
                       ["data.test_min_size=512", "data.test_max_size=512", "model.num_classes=91",
-                       "data.val.annotations=", "data.train.annotations="])
+                       "data.val.annotations=", "data.train.annotations=",
+                       f"model.compile_inference={str(compile).lower()}"])
     torch.manual_seed(0)
     detector = Detector.from_config(cfg, device=str(device))
 
@@ -294,7 +296,9 @@ def run_one(case: str, impl: str, repeats: int) -> dict:
         fn = (_focal if case.startswith("focal") else _match)(impl, device, kernel)
     else:  # step, infer; @amp: ours under autocast (bfloat16 on CPU, float16 on CUDA)
         name, _, variant = case.partition("@")
-        fn = {"step": _step, "infer": _infer}[name](impl, device, amp=variant == "amp" and impl == "ours")
+        amp = variant == "amp" and impl == "ours"
+        fn = _step(impl, device, amp) if name == "step" else \
+            _infer(impl, device, amp, compile=variant == "compile" and impl == "ours")
     result = _measure(fn, device, repeats)
     if case == "focal" and impl == "ours" and device.type == "cuda":
         # The floor of any focal kernel: one read of the logits and one write of the gradient,
@@ -326,7 +330,7 @@ def main() -> int:
     for case in args.cases:
         subs = {"post": ["post@0.0", "post@0.05"], "focal": ["focal", "focal@eager"],
                 "match": ["match", "match@eager"], "step": ["step", "step@amp"],
-                "infer": ["infer", "infer@amp"]}
+                "infer": ["infer", "infer@compile", "infer@amp"]}
         for sub in subs.get(case, [case]):
             measured = {}
             for _ in range(args.rounds):

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -47,3 +49,41 @@ def test_predict_rejects_bad_input(detector):
 def test_class_names_from_dataset(detector, shapes_dir):
     ds = CocoDetection(shapes_dir / "val", shapes_dir / "annotations" / "instances_val.json")
     assert detector.class_names == ds.class_names == ["circle", "square", "triangle", "star", "cross"]
+
+
+def test_compiled_inference_equals_eager_across_input_sizes(shapes_dir, tmp_path):
+    """model.compile_inference: torch.compile with frozen weights; the same detections as the
+    eager model, also after a second input size (a recompilation)."""
+    overrides = tiny_overrides(shapes_dir, tmp_path) + ["model.postprocess.score_thresh=0.0",
+                                                         "model.postprocess.max_detections=20"]
+    torch.manual_seed(0)
+    eager = Detector.from_config(REPO_ROOT / "configs" / "shapes_R18.yaml", overrides=overrides)
+    compiled = Detector.from_config(REPO_ROOT / "configs" / "shapes_R18.yaml",
+                                    overrides=overrides + ["model.compile_inference=true"])
+    compiled.model.load_state_dict(eager.model.state_dict())  # before the first (freezing) call
+    rng = np.random.default_rng(1)
+    for shape in ((128, 128, 3), (128, 256, 3)):
+        images = [rng.integers(0, 255, shape, dtype=np.uint8) for _ in range(2)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)  # a fallback to eager would warn
+            ours = compiled.predict(images)
+        for got, want in zip(ours, eager.predict(images)):
+            torch.testing.assert_close(got["scores"], want["scores"], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(got["boxes"], want["boxes"], rtol=1e-4, atol=1e-3)
+            assert torch.equal(got["labels"], want["labels"])
+    assert compiled._forward.compiled is not None  # it did not fall back
+
+
+def test_compiled_inference_falls_back_to_eager_with_a_warning(detector, monkeypatch):
+    from retinanet.detector import _CompiledForward
+
+    forward = _CompiledForward(detector.model)
+
+    def broken(images):
+        raise RuntimeError("no C++ compiler")
+    forward.compiled = broken
+    images = torch.rand(1, 3, 128, 128)
+    with pytest.warns(UserWarning, match="model.compile_inference"):
+        out = forward(images)
+    assert forward.compiled is None
+    torch.testing.assert_close(out.cls_logits, detector.model(images).cls_logits)

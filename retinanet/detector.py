@@ -115,12 +115,15 @@ class _CompiledForward:
 
     def __init__(self, model: RetinaNet):
         self.model = model
-        self.compiled: Callable | None = torch.compile(model, options={"freezing": True})
+        self.compiled: Callable | None = torch.compile(model)
 
     def __call__(self, images: Tensor):
         if self.compiled is not None:
             try:
-                return self.compiled(images)
+                # Compilation happens inside the call (again for a new shape), so the setting is
+                # set here; torch.compile(options={"freezing": True}) measured as not freezing.
+                with torch._inductor.config.patch(freezing=True):
+                    return self.compiled(images)
             except Exception as exc:  # noqa: BLE001 - any compiler failure: eager gives the same
                 self.compiled = None
                 warnings.warn(f"torch.compile of the model failed, running it eagerly "

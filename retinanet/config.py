@@ -119,7 +119,7 @@ class ModelConfig:
     fold_batchnorm: bool = True
     # torch.compile (inductor, weights frozen into the graph) of a standalone inference model
     # (Detector.from_config: tools/eval.py, tools/infer.py, the Python API; not evaluation during
-    # training, whose weights change). Measured on 2 CPU cores, R50-FPN at 512x512: 7 % faster,
+    # training, whose weights change). Measured on 2 CPU cores, R50-FPN at 512x512: 5-7 % faster,
     # ~10 s of compilation per new input shape; eager with a warning where it cannot compile.
     compile_inference: bool = False
     # Initial weights of the whole model for fine-tuning (a checkpoint of ours, or one converted by

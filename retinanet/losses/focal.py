@@ -124,10 +124,11 @@ def _loss_and_grad(x: Tensor, targets: Optional[Tensor], classes: Optional[Tenso
 
 
 def _one_exp_loss_and_grad(*args) -> tuple[Tensor, Optional[Tensor]]:
+    """_loss_and_grad with one_exp=True: the function torch.compile traces."""
     return _loss_and_grad(*args, one_exp=True)
 
 
-_compiled_loss_and_grad = None  # torch.compile(_loss_and_grad), built on first use
+_compiled_loss_and_grad = None  # torch.compile(_one_exp_loss_and_grad), built on first use
 _compile_failed = False
 
 

@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -14,6 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .compiling import CompiledOrNone
 from .config import Config, load_config
 from .data import Batch, Collate, build_transform, label_mapping, load_coco
 from .losses import build_box_coder
@@ -31,9 +31,13 @@ class Detector:
                  channels_last: bool | None = None, compile: bool = False):
         self.device = torch.device(device)
         self.model = use_fast_memory_format(model, self.device, channels_last)
-        # compile: the network's weights become constants of the compiled graph, so this is for a
-        # model that no longer changes (from_config); self.model stays the eager module (export).
-        self._forward: Callable = _CompiledForward(self.model) if compile else self.model
+        # compile: torch.compile with inductor's weight freezing (weights prepacked once, bias /
+        # ReLU / residual adds fused into the convolutions). The weights become constants of the
+        # compiled graph, so this is for a model that no longer changes (from_config);
+        # self.model stays the eager module (export). torch.compile(options={"freezing": True})
+        # measured as not freezing: the setting is patched in around each call.
+        self._compiled = CompiledOrNone(self.model, "model.compile_inference",
+                                        inductor_config={"freezing": True}) if compile else None
         self.transform, self.postprocessor = transform, postprocessor
         self.collate = Collate(size_divisibility)
         num_classes = model.num_classes
@@ -85,7 +89,10 @@ class Detector:
         was_training = self.model.training
         self.model.eval()
         try:
-            out = self._forward(batch.images.to(self.device))
+            images = batch.images.to(self.device)
+            out = self._compiled(images) if self._compiled is not None else None
+            if out is None:
+                out = self.model(images)
             if on_outputs is not None:
                 on_outputs(out, batch)
             return self.postprocessor(out.cls_logits, out.box_deltas, out.anchors,
@@ -104,31 +111,6 @@ class Detector:
         outputs = self.predict_batch(self.collate(samples))
         return [{"boxes": o["boxes"].cpu(), "scores": o["scores"].cpu(), "labels": o["labels"].cpu(),
                  "category_ids": self._cat_id_lookup[o["labels"].cpu()]} for o in outputs]
-
-
-class _CompiledForward:
-    """model(images) through torch.compile with inductor's weight freezing (convolution weights
-    prepacked once, bias / ReLU / residual adds fused into the convolutions), for inference
-    under no_grad. A new input shape compiles again (torch turns the sizes dynamic after the
-    first change). Where compilation fails (no C++ compiler, an unsupported op), one warning,
-    then the eager module: an error of the model itself is raised again by that eager call."""
-
-    def __init__(self, model: RetinaNet):
-        self.model = model
-        self.compiled: Callable | None = torch.compile(model)
-
-    def __call__(self, images: Tensor):
-        if self.compiled is not None:
-            try:
-                # Compilation happens inside the call (again for a new shape), so the setting is
-                # set here; torch.compile(options={"freezing": True}) measured as not freezing.
-                with torch._inductor.config.patch(freezing=True):
-                    return self.compiled(images)
-            except Exception as exc:  # noqa: BLE001 - any compiler failure: eager gives the same
-                self.compiled = None
-                warnings.warn(f"torch.compile of the model failed, running it eagerly "
-                              f"(model.compile_inference): {type(exc).__name__}: {exc}")
-        return self.model(images)
 
 
 def _hw(image: np.ndarray | Tensor) -> tuple[int, int]:

@@ -6,13 +6,13 @@ float32 whatever the input dtype: fp16 log() and small powers underflow.
 """
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..compiling import CompiledOrNone
 from .focal_triton import focal_loss_triton, triton_focal_available
 
 
@@ -128,27 +128,11 @@ def _one_exp_loss_and_grad(*args) -> tuple[Tensor, Optional[Tensor]]:
     return _loss_and_grad(*args, one_exp=True)
 
 
-_compiled_loss_and_grad = None  # torch.compile(_one_exp_loss_and_grad), built on first use
-_compile_failed = False
-
-
-def _compiled(*args):
-    """_loss_and_grad through torch.compile (one fused loop: no (n, K) temporaries), or None when
-    compilation is unavailable here (no C++ compiler, ...): then the caller runs eager."""
-    global _compiled_loss_and_grad, _compile_failed
-    if _compile_failed:
-        return None
-    if _compiled_loss_and_grad is None:
-        _compiled_loss_and_grad = torch.compile(_one_exp_loss_and_grad, dynamic=True)
-    try:
-        # Past dynamo's recompile limit (many loss variants in one process) it would silently run
-        # the whole-tensor math eagerly: (N, K) temporaries by the dozen. Fail, and use ours.
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-            return _compiled_loss_and_grad(*args)
-    except Exception as exc:  # a compiler problem must not stop training: eager gives the same
-        _compile_failed = True
-        warnings.warn(f"torch.compile of the focal loss failed, using the eager kernel: {exc}")
-        return None
+# One fused loop, no (n, K) temporaries. Past dynamo's recompile limit (many loss variants in one
+# process) torch would silently run the whole-tensor math eagerly, (n, K) temporaries by the
+# dozen: made an error, so that _eager's chunked kernel runs instead.
+_compiled = CompiledOrNone(_one_exp_loss_and_grad, "loss.cls.kernel", dynamic=True,
+                           dynamo_config={"fail_on_recompile_limit_hit": True})
 
 
 def _eager(logits: Tensor, targets: Optional[Tensor], classes: Optional[Tensor],

@@ -51,9 +51,11 @@ def test_class_names_from_dataset(detector, shapes_dir):
     assert detector.class_names == ds.class_names == ["circle", "square", "triangle", "star", "cross"]
 
 
-def test_compiled_inference_equals_eager_across_input_sizes(shapes_dir, tmp_path):
+def test_compiled_inference_equals_eager_across_input_sizes(shapes_dir, tmp_path, monkeypatch):
     """model.compile_inference: torch.compile with frozen weights; the same detections as the
-    eager model, also after a second input size (a recompilation)."""
+    eager model, also after a second input size (a recompilation). On CUDA in full float32:
+    TF32 convolutions would round the two differently (1e-3), which is not what is checked."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     overrides = tiny_overrides(shapes_dir, tmp_path) + ["model.postprocess.score_thresh=0.0",
                                                          "model.postprocess.max_detections=20"]
     torch.manual_seed(0)
@@ -64,9 +66,10 @@ def test_compiled_inference_equals_eager_across_input_sizes(shapes_dir, tmp_path
     rng = np.random.default_rng(1)
     for shape in ((128, 128, 3), (128, 256, 3)):
         images = [rng.integers(0, 255, shape, dtype=np.uint8) for _ in range(2)]
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", UserWarning)  # a fallback to eager would warn
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             ours = compiled.predict(images)
+        assert not [w for w in caught if "torch.compile failed" in str(w.message)]  # no fallback
         for got, want in zip(ours, eager.predict(images)):
             torch.testing.assert_close(got["scores"], want["scores"], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(got["boxes"], want["boxes"], rtol=1e-4, atol=1e-3)

@@ -1,5 +1,7 @@
 """Real multi-process training with torchrun (gloo on CPU): 2 ranks train and evaluate like 1,
-one rank with only negative images does not hang DDP, and a failing rank ends the job."""
+one rank with only negative images does not hang DDP, and a failing rank ends the job. Training
+is pinned to the CPU (train.device=cpu), also on a machine with a GPU: NCCL needs one GPU per
+rank."""
 from __future__ import annotations
 
 import json
@@ -25,7 +27,7 @@ def _torchrun(*args: str, nproc: int = 2, timeout: int = 300) -> subprocess.Comp
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            f"--nproc_per_node={nproc}", str(REPO_ROOT / "tools/train.py"),
-                           "--config", CONFIG, *args],
+                           "--config", CONFIG, "train.device=cpu", *args],
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -71,7 +73,7 @@ def test_two_ranks_of_batch_2_train_like_one_process_of_batch_4(shapes_dir, tmp_
               "train.checkpoint_period=0"]
     _ok(_torchrun(*tiny_overrides(shapes_dir, tmp_path / "two"), *common, "train.batch_size=2"))
     _ok(_python("tools/train.py", "--config", CONFIG, *tiny_overrides(shapes_dir, tmp_path / "one"),
-                *common, "train.batch_size=4"))
+                *common, "train.batch_size=4", "train.device=cpu"))
     two = load_checkpoint(tmp_path / "two" / "model_final.pth")
     one = load_checkpoint(tmp_path / "one" / "model_final.pth")
     assert two["samples_seen"] == one["samples_seen"] == 12
@@ -119,3 +121,14 @@ def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
     assert proc.returncode != 0
     assert f"cannot read image {data / 'train' / name}" in proc.stdout + proc.stderr
     assert not (tmp_path / "run" / "model_final.pth").exists()
+
+
+def test_more_ranks_than_gpus_is_a_clear_error(monkeypatch):
+    """Two CUDA ranks on a one-GPU node: an error that says what to change, raised before
+    set_device would fail with an invalid device ordinal (checked here without a GPU)."""
+    from retinanet.engine.distributed import init_distributed
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"local rank 1 .* 1 visible CUDA device.*nproc_per_node.*train\.device=cpu"):
+        init_distributed(torch.device("cuda"))

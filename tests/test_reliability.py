@@ -94,15 +94,22 @@ def test_hostile_data_errors_name_the_problem(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Non-finite inputs, losses and checkpoints
 # ------------------------------------------------------------------------------------------------
+def _trainer_and_batch(config, device: str):
+    """A trainer on `device` and one batch there; on CPU the finiteness check of a step is
+    immediate (a skipped step returns None), on CUDA it is deferred (see Trainer.step)."""
+    config.data.val.annotations = ""
+    config.train.max_bad_steps = 3
+    config.train.device = device
+    logs = []
+    trainer = Trainer(config, log=logs.append)
+    loader = build_train_loader(trainer.train_set, batch_size=2, num_workers=0, seed=0,
+                                size_divisibility=config.data.size_divisibility)
+    return trainer, next(iter(loader)).to(trainer.device), logs
+
+
 @pytest.fixture
 def trainer_and_batch(tiny_config):
-    tiny_config.data.val.annotations = ""
-    tiny_config.train.max_bad_steps = 3
-    logs = []
-    trainer = Trainer(tiny_config, log=logs.append)
-    loader = build_train_loader(trainer.train_set, batch_size=2, num_workers=0, seed=0,
-                                size_divisibility=tiny_config.data.size_divisibility)
-    return trainer, next(iter(loader)), logs
+    return _trainer_and_batch(tiny_config, "cpu")
 
 
 def _state(trainer):
@@ -144,6 +151,7 @@ def test_a_good_step_resets_the_count_and_nan_weights_are_never_written(trainer_
 
 def test_all_ignored_batch_trains_without_nan(tiny_config):
     # fg_iou 1 and a tiny bg_iou with one box over each whole image: every anchor is ignored
+    tiny_config.train.device = "cpu"
     tiny_config.model.matcher.fg_iou, tiny_config.model.matcher.bg_iou = 1.0, 1e-6
     tiny_config.model.matcher.allow_low_quality = False
     tiny_config.data.val.annotations = ""
@@ -261,11 +269,15 @@ def test_deterministic_mode_on_cuda_repeats_bit_for_bit(shapes_dir, tmp_path):
         assert torch.equal(finals[0][key], finals[1][key]), key
 
 
-def test_deferred_checks_skip_on_the_device_and_settle_at_the_window(trainer_and_batch):
-    """The CUDA mode (no host sync per step), forced on CPU: the fused optimizer skips on the
-    device-side flag; the skipped steps are logged, and max_bad_steps enforced, when settled."""
-    trainer, batch, logs = trainer_and_batch
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_deferred_checks_skip_on_the_device_and_settle_at_the_window(tiny_config, device):
+    """The CUDA mode (no host sync per step), on CUDA and forced on CPU: the fused optimizer
+    skips on the device-side flag; the skipped steps are logged, and max_bad_steps enforced,
+    when settled."""
+    trainer, batch, logs = _trainer_and_batch(tiny_config, device)
     assert trainer.optimizer.defaults.get("fused")  # torch >= 2.4 has fused SGD on CPU
+    assert trainer.defer_finite_checks == (device == "cuda")  # CUDA's default
     trainer.defer_finite_checks = True
     bad = type(batch)(batch.images.clone().fill_(float("nan")), batch.boxes, batch.labels,
                       batch.image_ids, batch.image_sizes, batch.orig_sizes)

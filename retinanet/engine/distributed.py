@@ -38,6 +38,14 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> DistInf
         return DistInfo()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            # NCCL needs a GPU of its own per rank; cuda:N past the last GPU would fail in
+            # set_device with "invalid device ordinal", which names neither cause nor remedy
+            raise ValueError(
+                f"torchrun started local rank {local_rank} on a node with "
+                f"{torch.cuda.device_count()} visible CUDA device(s); CUDA training runs one "
+                "process per GPU: lower --nproc_per_node (NPROC= for make train-ddp) to the "
+                "number of GPUs, or train on CPU processes with train.device=cpu (gloo)")
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",

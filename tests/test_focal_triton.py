@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from retinanet.losses.focal import binary_focal_terms
-from retinanet.losses.focal_triton import focal_loss_triton, triton_focal_available
+from retinanet.losses.focal_triton import compile_kernel, focal_loss_triton, triton_focal_available
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -111,10 +111,40 @@ def check_negative_tail(device) -> None:
     torch.testing.assert_close(grad.double(), x64.grad, rtol=1e-5, atol=0.0)
 
 
+def check_autograd(device, num_rows: int) -> None:
+    """The autograd function on the triton kernel (gradient computed in backward, times
+    grad_output read on the device) against the eager kernel: a loss scaled by 3 and one
+    backpropagated twice (retain_graph), in float32 and float16, and the scaled gradient alone
+    through focal_loss_triton's grad_scale."""
+    from retinanet.losses.focal import sigmoid_focal_loss_with_classes
+    case = (80, "classes", True, 0.25, 2.0, False, F32, F32)
+    logits, classes, _, weights = _inputs(num_rows, 80, case, device, seed=7)
+    for dtype in (F32, F16):
+        grads = {}
+        for kernel in ("triton", "eager"):
+            x = logits.detach().to(dtype, copy=True).requires_grad_()
+            loss = sigmoid_focal_loss_with_classes(x, classes, row_weights=weights, kernel=kernel)
+            (loss * 3).backward(retain_graph=True)
+            first = x.grad.clone()
+            loss.backward()  # the second backward adds 1 x the gradient
+            assert x.grad.dtype == dtype
+            torch.testing.assert_close(x.grad.float(), first.float() * (4 / 3), rtol=2e-3 if dtype == F16 else 1e-6, atol=1e-6)
+            grads[kernel] = (loss.detach(), first)
+        torch.testing.assert_close(grads["triton"][0], grads["eager"][0], rtol=1e-5, atol=0.0)
+        rtol = 1e-5 if dtype == F32 else 2 * torch.finfo(F16).eps
+        torch.testing.assert_close(grads["triton"][1].float(), grads["eager"][1].float(), rtol=rtol, atol=1e-6)
+    plain, scaled = torch.empty_like(logits), torch.empty_like(logits)
+    focal_loss_triton(logits, None, classes, weights, plain, 0.25, 2.0, 1.0, 0.0)
+    assert focal_loss_triton(logits, None, classes, weights, scaled, 0.25, 2.0, 1.0, 0.0,
+                             grad_scale=torch.tensor(-0.5, device=device), need_loss=False) is None
+    torch.testing.assert_close(scaled, plain * -0.5, rtol=1e-6, atol=0.0)
+
+
 def run_cases(device, num_rows: int) -> int:
     for seed, case in enumerate(CASES):
         check_case(case, num_rows, device, seed)
     check_negative_tail(device)
+    check_autograd(device, num_rows)
     return len(CASES)
 
 
@@ -145,6 +175,21 @@ def test_triton_focal_interpreter_cpu():
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"checked {len(CASES)}" in out.stdout
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_kernel_builds_for_the_gpu_without_one():
+    """The GPU compiler itself (ptxas ships with triton), which the interpreter above never runs,
+    on the variants that get launched: the autograd forward and backward, loss and gradient in
+    one pass, soft targets with row weights and gamma 1.5, no alpha with gamma 0 and one class.
+    Each builds for sm_90 with no local memory (a register spill would be a slow kernel)."""
+    variants = [{}, {"write_grad": True, "grad_scale": True, "write_loss": False}, {"write_grad": True},
+                {"classes": False, "row_weights": True, "gamma": 1.5, "write_grad": True},
+                {"alpha": False, "gamma": 0.0, "num_classes": 1}]
+    for switches in variants:
+        kernel = compile_kernel(90, **switches)
+        assert kernel.asm["cubin"], switches
+        assert ".entry kernel" in kernel.asm["ptx"] and ".local" not in kernel.asm["ptx"], switches
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and triton")

@@ -42,6 +42,9 @@ def binary_focal_terms(logits: Tensor, targets: Tensor | float, alpha: Optional[
 # elementwise temporaries of a chunk stay in cache instead of streaming N x K tensors through
 # memory (2^16 and 2^18 measured slower on 2 cores).
 _CHUNK_ELEMENTS = 1 << 17
+# On a GPU (without Triton) chunks only bound the temporaries: a Python loop over cache-sized
+# chunks cost 17 ms at 2 x 76725 x 80 on an H100, launch overhead for ~100 chunks of a dozen ops.
+_GPU_CHUNK_ELEMENTS = 1 << 24
 
 KERNELS = ("auto", "eager", "compile", "triton")
 
@@ -147,7 +150,8 @@ def _eager(logits: Tensor, targets: Optional[Tensor], classes: Optional[Tensor],
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     grad = torch.empty(logits.shape, dtype=dtype, device=logits.device) if need_grad else None
     total = torch.zeros((), dtype=torch.float64, device=logits.device)
-    chunk = max(1, _CHUNK_ELEMENTS // max(1, num_classes))
+    chunk_elements = _CHUNK_ELEMENTS if logits.device.type == "cpu" else _GPU_CHUNK_ELEMENTS
+    chunk = max(1, chunk_elements // max(1, num_classes))
     for start in range(0, num_rows, chunk):
         rows = slice(start, min(start + chunk, num_rows))
         weights = None if row_weights is None else row_weights[rows]
@@ -232,23 +236,24 @@ def _auto_kernel(logits: Tensor) -> str:
     return "eager"
 
 
-def _focal_loss_and_grad(kernel: str, logits: Tensor, *args) -> tuple[Tensor, Optional[Tensor]]:
-    """Dispatch to the kernel named in KERNELS (args as _loss_and_grad's after logits)."""
+def _resolve_kernel(kernel: str, logits: Tensor) -> str:
+    """The kernel named in KERNELS that will run for these logits ("auto" resolved); raises if
+    "triton" cannot run here."""
     if kernel not in KERNELS:
         raise ValueError(f"focal-loss kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel == "auto":
         kernel = _auto_kernel(logits)
-    if kernel == "triton":
-        if not triton_focal_available(logits.device) or logits.dtype == torch.float64:
-            raise RuntimeError(f"the triton focal-loss kernel needs a CUDA device, the triton "
-                               f"package and float16/bfloat16/float32 logits (got {logits.device}, "
-                               f"{logits.dtype}); set loss.cls.kernel (or kernel=) to auto, eager "
-                               "or compile here")
-        targets, classes, row_weights, alpha, gamma, t_pos, t_neg, need_grad = args
-        grad = torch.empty(logits.shape, dtype=torch.float32, device=logits.device) if need_grad else None
-        total = focal_loss_triton(logits.contiguous(), targets, classes, row_weights, grad,
-                                  alpha, gamma, t_pos, t_neg)
-        return total, grad
+    if kernel == "triton" and (not triton_focal_available(logits.device) or logits.dtype == torch.float64):
+        raise RuntimeError(f"the triton focal-loss kernel needs a CUDA device, the triton "
+                           f"package and float16/bfloat16/float32 logits (got {logits.device}, "
+                           f"{logits.dtype}); set loss.cls.kernel (or kernel=) to auto, eager "
+                           "or compile here")
+    return kernel
+
+
+def _focal_loss_and_grad(kernel: str, logits: Tensor, *args) -> tuple[Tensor, Optional[Tensor]]:
+    """Loss and gradient with a resolved CPU-style kernel, "eager" or "compile" (args as
+    _loss_and_grad's after logits)."""
     if kernel == "compile":
         result = _compiled(logits, *args)
         if result is not None:
@@ -257,13 +262,21 @@ def _focal_loss_and_grad(kernel: str, logits: Tensor, *args) -> tuple[Tensor, Op
 
 
 class _FusedFocalLoss(torch.autograd.Function):
-    """sum_nk w_n * FL(x_nk, t_nk) for logits (N, K): the loss and its closed-form gradient in one
-    pass (see _loss_and_grad); backward only scales the gradient. Targets are float (N, K)
-    `targets` or integer `classes` (N,) (no one-hot tensor), with optional row weights (N,).
+    """sum_nk w_n * FL(x_nk, t_nk) for logits (N, K): the loss and its closed-form gradient (see
+    _loss_and_grad). Targets are float (N, K) `targets` or integer `classes` (N,) (no one-hot
+    tensor), with optional row weights (N,). Math in float32 for float16 / bfloat16 / float32
+    logits (float64 stays).
 
-    Memory beyond the inputs: the gradient (N, K), which backward hands to autograd as the
-    result (no copy), and the kernel's working set. Math in float32 for float16 / bfloat16 /
-    float32 logits (float64 stays).
+    Where the gradient is computed depends on what bounds the kernel:
+    - eager / compile (CPU: bound by arithmetic): forward computes loss and gradient in one pass
+      and backward only scales the gradient (skipped when grad_output is 1), so the
+      transcendentals run once. Memory beyond the inputs: the (N, K) gradient, handed to
+      autograd as the result (no copy).
+    - triton (GPU: bound by memory traffic): forward only reads the logits for the loss, and
+      backward reads them again and writes the gradient already times grad_output (read on the
+      device, no host sync): 1.5 passes over (N, K) floats instead of 2 with a scaling pass, and
+      no (N, K) tensor held between forward and backward.
+    Only the inputs are saved: a second backward (retain_graph=True) recomputes from them.
     """
 
     @staticmethod
@@ -271,18 +284,27 @@ class _FusedFocalLoss(torch.autograd.Function):
                 row_weights: Optional[Tensor], alpha: Optional[float], gamma: float,
                 t_pos: float, t_neg: float, kernel: str) -> Tensor:
         ctx.args = (alpha, gamma, t_pos, t_neg)
-        ctx.kernel, ctx.logits_dtype = kernel, logits.dtype
-        total, ctx.grad = _focal_loss_and_grad(kernel, logits, targets, classes, row_weights,
-                                               *ctx.args, ctx.needs_input_grad[0])
-        # Inputs only (no copies): a second backward (retain_graph=True) recomputes from them.
+        ctx.kernel = _resolve_kernel(kernel, logits)
+        ctx.logits_dtype = logits.dtype
+        if ctx.kernel == "triton":
+            total, ctx.grad = focal_loss_triton(logits.contiguous(), targets, classes, row_weights,
+                                                None, *ctx.args), None
+        else:
+            total, ctx.grad = _focal_loss_and_grad(ctx.kernel, logits, targets, classes, row_weights,
+                                                   *ctx.args, ctx.needs_input_grad[0])
         ctx.save_for_backward(logits, targets, classes, row_weights)
         return total
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
         grad, ctx.grad = ctx.grad, None  # ours alone now, so scaling it in place is safe
+        logits, targets, classes, row_weights = ctx.saved_tensors if grad is None else (None,) * 4
+        if ctx.kernel == "triton":
+            grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+            focal_loss_triton(logits.contiguous(), targets, classes, row_weights, grad, *ctx.args,
+                              grad_scale=grad_output.to(logits.device), need_loss=False)
+            return (grad,) + (None,) * 8
         if grad is None:
-            logits, targets, classes, row_weights = ctx.saved_tensors
             _, grad = _focal_loss_and_grad(ctx.kernel, logits, targets, classes, row_weights,
                                            *ctx.args, True)
         # On CPU reading the scale costs nothing and saves a pass when it is 1 (loss.backward())

@@ -31,7 +31,7 @@ train-ddp: $(STAMP)
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) tools/train.py --config $(CONFIG) $(ARGS)
 
 demo-ddp: data
-	$(MAKE) train-ddp NPROC=$(NPROC) CONFIG=configs/shapes_R18.yaml ARGS="output_dir=runs/shapes_R18_ddp train.batch_size=8 $(ARGS)"
+	$(MAKE) train-ddp NPROC=$(NPROC) CONFIG=configs/shapes_R18.yaml ARGS="output_dir=runs/shapes_R18_ddp train.batch_size=8 train.device=cpu $(ARGS)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q

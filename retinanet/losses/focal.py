@@ -267,15 +267,16 @@ class _FusedFocalLoss(torch.autograd.Function):
     tensor), with optional row weights (N,). Math in float32 for float16 / bfloat16 / float32
     logits (float64 stays).
 
-    Where the gradient is computed depends on what bounds the kernel:
-    - eager / compile (CPU: bound by arithmetic): forward computes loss and gradient in one pass
-      and backward only scales the gradient (skipped when grad_output is 1), so the
-      transcendentals run once. Memory beyond the inputs: the (N, K) gradient, handed to
-      autograd as the result (no copy).
-    - triton (GPU: bound by memory traffic): forward only reads the logits for the loss, and
-      backward reads them again and writes the gradient already times grad_output (read on the
-      device, no host sync): 1.5 passes over (N, K) floats instead of 2 with a scaling pass, and
-      no (N, K) tensor held between forward and backward.
+    Where the gradient is computed depends on the device:
+    - eager / compile (CPU, bound by arithmetic): forward computes loss and gradient in one pass
+      and backward only scales the gradient (skipped when grad_output is 1, read for free on
+      the CPU), so the transcendentals run once. Memory beyond the inputs: the (N, K) gradient,
+      handed to autograd as the result (no copy).
+    - triton (GPU): forward only reads the logits for the loss, and backward reads them again
+      and writes the gradient already times grad_output (read on the device, no host sync):
+      three (N, K) transfers instead of four with a scaling pass, and no (N, K) tensor held
+      between forward and backward (H100: 47 + 44 us, against 54 + 35 for loss and gradient,
+      then scaling).
     Only the inputs are saved: a second backward (retain_graph=True) recomputes from them.
     """
 

@@ -286,7 +286,7 @@ def _infer(impl: str, device, amp: bool = False, compile: bool = False):
     return run
 
 
-def _graph_seconds(fn, repeats: int, replays: int = 10) -> float:
+def graph_seconds(fn, repeats: int, replays: int = 10) -> float:
     """Device time of fn's kernels alone, without Python or launch overhead: fn captured in a
     CUDA graph (after a warm-up on a side stream, as torch.cuda.graph requires), replayed back to
     back between CUDA events; the median over `repeats` of the time per replay."""
@@ -324,10 +324,10 @@ def _focal_floor(device, repeats: int) -> dict:
     def all_sets():
         for fn in sets:
             fn()
-    focal_s = _graph_seconds(all_sets, repeats) / len(sets)
+    focal_s = graph_seconds(all_sets, repeats) / len(sets)
     src = torch.empty(2 ** 28, device=device)  # 1 GiB of float32
     dst = torch.empty_like(src)
-    copy_s = _graph_seconds(lambda: dst.copy_(src), repeats)
+    copy_s = graph_seconds(lambda: dst.copy_(src), repeats)
     bandwidth = 2 * src.numel() * src.element_size() / copy_s
     floor_s = 2 * (2 * NUM_ANCHORS * 80 * 4) / bandwidth
     return {"kernel_s": focal_s, "floor_s": floor_s, "bandwidth_gbs": bandwidth / 1e9}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -197,3 +198,22 @@ def test_triton_focal_cuda():
     """Every case compiled for the GPU at a training-sized N (two images' anchors, 2 x 76725)."""
     assert triton_focal_available(torch.device("cuda"))
     assert run_cases("cuda", 2 * 76725) == len(CASES)
+
+
+def _kernel_timing(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "scripts/focal_kernel_timing.py", *args], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_kernel_timing_script_says_it_needs_cuda():
+    out = _kernel_timing()
+    assert out.returncode == 2 and "needs a CUDA device" in out.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and triton")
+def test_kernel_timing_script_on_cuda():
+    out = _kernel_timing("--repeats", "2", "--configs", "2048x8", "1024x4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    for config in ("2048x8", "1024x4"):
+        assert re.search(rf"\| {config} \| [0-9.]+ \| [0-9.]+ \| [0-9.]+ \|", out.stdout), out.stdout

@@ -312,6 +312,15 @@ def graph_seconds(fn, repeats: int, replays: int = 10) -> float:
     return statistics.median(times[1:])
 
 
+def copy_bandwidth(device, repeats: int) -> float:
+    """Bytes a second that the GPU moves in a 1 GiB device-to-device copy, counting bytes read
+    and bytes written: the memory ceiling that floors are measured against."""
+    import torch
+    src = torch.empty(2 ** 28, device=device).normal_()  # 1 GiB of float32, never zeros
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * src.element_size() / graph_seconds(lambda: dst.copy_(src), repeats)
+
+
 def _focal_floor(device, repeats: int) -> dict:
     """Our focal forward + backward in device time against its floor: one read of the float32
     logits and one write of the gradient (2 x 76725 x 80 x 4 bytes each) at the bandwidth of a
@@ -325,10 +334,7 @@ def _focal_floor(device, repeats: int) -> dict:
         for fn in sets:
             fn()
     focal_s = graph_seconds(all_sets, repeats) / len(sets)
-    src = torch.empty(2 ** 28, device=device)  # 1 GiB of float32
-    dst = torch.empty_like(src)
-    copy_s = graph_seconds(lambda: dst.copy_(src), repeats)
-    bandwidth = 2 * src.numel() * src.element_size() / copy_s
+    bandwidth = copy_bandwidth(device, repeats)
     floor_s = 2 * (2 * NUM_ANCHORS * 80 * 4) / bandwidth
     return {"kernel_s": focal_s, "floor_s": floor_s, "bandwidth_gbs": bandwidth / 1e9}
 

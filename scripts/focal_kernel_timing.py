@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import torch  # noqa: E402
 
-from benchmark import NUM_ANCHORS, graph_seconds  # noqa: E402
+from benchmark import NUM_ANCHORS, copy_bandwidth, graph_seconds  # noqa: E402
 from retinanet.losses import focal_triton  # noqa: E402
 from retinanet.losses.focal import sigmoid_focal_loss_with_classes  # noqa: E402
 
@@ -46,9 +46,7 @@ def main() -> int:
         classes = torch.randint(0, classes_k + 1, (rows,), generator=g)
         classes[torch.rand(rows, generator=g) < 0.97] = classes_k  # mostly background
         sets.append((logits, classes.to(device), torch.empty_like(logits)))
-    src = torch.empty(2 ** 28, device=device).normal_()
-    dst = torch.empty_like(src)
-    bandwidth = 2 * src.numel() * 4 / graph_seconds(lambda: dst.copy_(src), args.repeats)
+    bandwidth = copy_bandwidth(device, args.repeats)
     read_s = rows * classes_k * 4 / bandwidth
     print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e9:.0f} GB/s (read + write); floors: "
           f"read {read_s * 1e6:.1f} us, read + write {2 * read_s * 1e6:.1f} us")

@@ -3,8 +3,9 @@
 Same math as the fused eager loss in focal.py (float32; formulas in its docstrings), but one
 kernel reads each logit once and writes each gradient once, instead of a dozen elementwise torch
 ops. The gradient can be scaled by a 0-dim device tensor read inside the kernel (autograd's
-grad_output), so backward needs neither a host sync nor a second pass to apply it. Triton is imported only when the kernel is first needed, so this module imports without it.
-Set TRITON_INTERPRET=1 before triton is imported to run the kernel on CPU tensors (slow; tests).
+grad_output), so backward needs neither a host sync nor a second pass to apply it. Triton is
+imported only when the kernel is first needed, so this module imports without it. Set
+TRITON_INTERPRET=1 before triton is imported to run the kernel on CPU tensors (slow; tests).
 """
 from __future__ import annotations
 

@@ -101,16 +101,24 @@ def _measure(fn, device, repeats: int) -> dict:
     return {"median_s": statistics.median(times), "min_s": min(times), "peak_extra_bytes": peak}
 
 
+def focal_inputs(device, seed: int = 0):
+    """Logits (2 x 76725, 80) float32 and classes (2 x 76725,) in 0..80, 97 % of them 80
+    (background, as in training), on `device`."""
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2 * NUM_ANCHORS, 80, generator=g)
+    classes = torch.randint(0, 81, (2 * NUM_ANCHORS,), generator=g)
+    classes[torch.rand(2 * NUM_ANCHORS, generator=g) < 0.97] = 80
+    return logits.to(device), classes.to(device)
+
+
 def _focal(impl: str, device, kernel: str = "auto"):
     import torch
     from torchvision.ops import sigmoid_focal_loss as tv_focal
 
     from retinanet.losses.focal import sigmoid_focal_loss_with_classes
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(2 * NUM_ANCHORS, 80, generator=g).to(device).requires_grad_()
-    classes = torch.randint(0, 81, (2 * NUM_ANCHORS,), generator=g)
-    classes[torch.rand(2 * NUM_ANCHORS, generator=g) < 0.97] = 80  # mostly background, as in training
-    classes = classes.to(device)
+    logits, classes = focal_inputs(device)
+    logits.requires_grad_()
 
     def ours():
         loss = sigmoid_focal_loss_with_classes(logits, classes, kernel=kernel)

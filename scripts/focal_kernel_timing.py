@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import torch  # noqa: E402
 
-from benchmark import NUM_ANCHORS, copy_bandwidth, graph_seconds  # noqa: E402
+from benchmark import copy_bandwidth, focal_inputs, graph_seconds  # noqa: E402
 from retinanet.losses import focal_triton  # noqa: E402
 from retinanet.losses.focal import sigmoid_focal_loss_with_classes  # noqa: E402
 
@@ -38,16 +38,11 @@ def main() -> int:
     if not (torch.cuda.is_available() and focal_triton.triton_focal_available(torch.device("cuda"))):
         print("needs a CUDA device and triton", file=sys.stderr)
         return 2
-    rows, classes_k, device = 2 * NUM_ANCHORS, 80, torch.device("cuda")
-    g = torch.Generator().manual_seed(0)
-    sets = []
-    for _ in range(4):
-        logits = torch.randn(rows, classes_k, generator=g).to(device)
-        classes = torch.randint(0, classes_k + 1, (rows,), generator=g)
-        classes[torch.rand(rows, generator=g) < 0.97] = classes_k  # mostly background
-        sets.append((logits, classes.to(device), torch.empty_like(logits)))
+    device = torch.device("cuda")
+    sets = [(logits, classes, torch.empty_like(logits))
+            for logits, classes in (focal_inputs(device, seed) for seed in range(4))]
     bandwidth = copy_bandwidth(device, args.repeats)
-    read_s = rows * classes_k * 4 / bandwidth
+    read_s = sets[0][0].numel() * 4 / bandwidth
     print(f"{torch.cuda.get_device_name()}: copy {bandwidth / 1e9:.0f} GB/s (read + write); floors: "
           f"read {read_s * 1e6:.1f} us, read + write {2 * read_s * 1e6:.1f} us")
 

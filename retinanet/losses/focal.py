@@ -288,8 +288,8 @@ class _FusedFocalLoss(torch.autograd.Function):
         ctx.kernel = _resolve_kernel(kernel, logits)
         ctx.logits_dtype = logits.dtype
         if ctx.kernel == "triton":
-            total, ctx.grad = focal_loss_triton(logits.contiguous(), targets, classes, row_weights,
-                                                None, *ctx.args), None
+            total, ctx.grad = focal_loss_triton(logits, targets, classes, row_weights, None,
+                                                *ctx.args), None
         else:
             total, ctx.grad = _focal_loss_and_grad(ctx.kernel, logits, targets, classes, row_weights,
                                                    *ctx.args, ctx.needs_input_grad[0])
@@ -302,8 +302,8 @@ class _FusedFocalLoss(torch.autograd.Function):
         logits, targets, classes, row_weights = ctx.saved_tensors if grad is None else (None,) * 4
         if ctx.kernel == "triton":
             grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-            focal_loss_triton(logits.contiguous(), targets, classes, row_weights, grad, *ctx.args,
-                              grad_scale=grad_output.to(logits.device), need_loss=False)
+            focal_loss_triton(logits, targets, classes, row_weights, grad, *ctx.args,
+                              grad_scale=grad_output, need_loss=False)
             return (grad,) + (None,) * 8
         if grad is None:
             _, grad = _focal_loss_and_grad(ctx.kernel, logits, targets, classes, row_weights,

@@ -129,7 +129,8 @@ def check_autograd(device, num_rows: int) -> None:
             first = x.grad.clone()
             loss.backward()  # the second backward adds 1 x the gradient
             assert x.grad.dtype == dtype
-            torch.testing.assert_close(x.grad.float(), first.float() * (4 / 3), rtol=2e-3 if dtype == F16 else 1e-6, atol=1e-6)
+            torch.testing.assert_close(x.grad.float(), first.float() * (4 / 3),
+                                       rtol=2e-3 if dtype == F16 else 1e-6, atol=1e-6)
             grads[kernel] = (loss.detach(), first)
         torch.testing.assert_close(grads["triton"][0], grads["eager"][0], rtol=1e-5, atol=0.0)
         rtol = 1e-5 if dtype == F32 else 2 * torch.finfo(F16).eps

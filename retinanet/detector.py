@@ -19,6 +19,7 @@ from .data import Batch, Collate, build_transform, label_mapping, load_coco
 from .losses import build_box_coder
 from .model import RetinaNet, build_model, use_fast_memory_format
 from .model.fold import fold_batchnorm
+from .model.winograd import use_winograd
 from .postprocess import PostProcessor, build_postprocessor
 
 
@@ -28,9 +29,13 @@ class Detector:
     def __init__(self, model: RetinaNet, *, transform: Callable[[dict], dict], postprocessor: PostProcessor,
                  size_divisibility: int, class_names: Sequence[str] | None = None,
                  label_to_cat_id: dict[int, int] | None = None, device: str | torch.device = "cpu",
-                 channels_last: bool | None = None, compile: bool = False):
+                 channels_last: bool | None = None, compile: bool = False, winograd: bool = False):
         self.device = torch.device(device)
         self.model = use_fast_memory_format(model, self.device, channels_last)
+        if compile and winograd and self.device.type == "cpu":
+            # only the compiled graph computes by Winograd: the eager module (fallback, export)
+            # still runs its convolutions directly, bit for bit (see model/winograd.py)
+            use_winograd(self.model)
         # compile: torch.compile with inductor's weight freezing (weights prepacked once, bias /
         # ReLU / residual adds fused into the convolutions). The weights become constants of the
         # compiled graph, so this is for a model that no longer changes (from_config);
@@ -79,7 +84,7 @@ class Detector:
                    postprocessor=build_postprocessor(cfg, build_box_coder(cfg)),
                    size_divisibility=cfg.data.size_divisibility, class_names=class_names,
                    label_to_cat_id=label_to_cat_id, device=device, channels_last=cfg.model.channels_last,
-                   compile=cfg.model.compile_inference)
+                   compile=cfg.model.compile_inference, winograd=cfg.model.winograd)
 
     @torch.no_grad()
     def predict_batch(self, batch: Batch, on_outputs: Callable | None = None) -> list[dict[str, Tensor]]:

@@ -17,7 +17,8 @@ Cases (float32 on both sides):
   post    postprocessing of 2 images at score threshold 0.0 and 0.05
   step    one training step of R50-FPN at 512 x 512, batch 2 (forward, loss, backward, SGD)
   infer   inference of the same model, batch 2, postprocessing included; infer@compile with
-          model.compile_inference=true (torch.compile, weights frozen; compiled in the warm-up)
+          model.compile_inference=true (torch.compile, weights frozen; compiled in the warm-up);
+          infer@winograd adds model.winograd=true (CPU: 3x3 convolutions by Winograd F(2x2, 3x3))
           step@amp / infer@amp: ours under autocast (bfloat16 on CPU, float16 on CUDA) against
           torchvision in float32: not the same precision, reported apart
 
@@ -273,7 +274,7 @@ def _step(impl: str, device, amp: bool = False):
     return run
 
 
-def _infer(impl: str, device, amp: bool = False, compile: bool = False):
+def _infer(impl: str, device, amp: bool = False, compile: bool = False, winograd: bool = False):
     import torch
     images = list(torch.rand(2, 3, 512, 512, generator=torch.Generator().manual_seed(5)).to(device))
     if impl == "torchvision":
@@ -284,7 +285,8 @@ def _infer(impl: str, device, amp: bool = False, compile: bool = False):
     cfg = load_config(ROOT / "configs/retinanet_R50_FPN_1x_coco.yaml",
                       ["data.test_min_size=512", "data.test_max_size=512", "model.num_classes=91",
                        "data.val.annotations=", "data.train.annotations=",
-                       f"model.compile_inference={str(compile).lower()}"])
+                       f"model.compile_inference={str(compile).lower()}",
+                       f"model.winograd={str(winograd).lower()}"])
     torch.manual_seed(0)
     detector = Detector.from_config(cfg, device=str(device))
 
@@ -360,7 +362,8 @@ def run_one(case: str, impl: str, repeats: int) -> dict:
         name, _, variant = case.partition("@")
         amp = variant == "amp" and impl == "ours"
         fn = _step(impl, device, amp) if name == "step" else \
-            _infer(impl, device, amp, compile=variant == "compile" and impl == "ours")
+            _infer(impl, device, amp, compile=variant in ("compile", "winograd") and impl == "ours",
+                   winograd=variant == "winograd" and impl == "ours")
     result = _measure(fn, device, repeats)
     if case == "focal" and impl == "ours" and device.type == "cuda":
         result.update(_focal_floor(device, repeats))
@@ -388,7 +391,7 @@ def main() -> int:
     for case in args.cases:
         subs = {"post": ["post@0.0", "post@0.05"], "focal": ["focal", "focal@eager"],
                 "match": ["match", "match@eager"], "step": ["step", "step@amp"],
-                "infer": ["infer", "infer@compile", "infer@amp"]}
+                "infer": ["infer", "infer@compile", "infer@winograd", "infer@amp"]}
         for sub in subs.get(case, [case]):
             measured = {}
             for _ in range(args.rounds):

@@ -1,0 +1,66 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from retinanet.model.winograd import WinogradConv2d, use_winograd, winograd_conv3x3
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 1, 1), (2, 5, 7, 5), (1, 8, 8, 8), (2, 4, 13, 4), (1, 16, 6, 11)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_winograd_equals_direct_convolution(shape, bias):
+    """Any height and width (odd ones padded to whole 2 x 2 tiles and cropped), with and without
+    bias: exact in float64 (the algebra), and to float32 rounding in float32."""
+    batch, channels, height, width = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    weight = torch.randn(6, channels, 3, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(6, generator=g, dtype=torch.float64) if bias else None
+    want = F.conv2d(x, weight, b, padding=1)
+    got = winograd_conv3x3(x, weight, b)
+    assert got.shape == want.shape == (batch, 6, height, width)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    got32 = winograd_conv3x3(x.float().contiguous(memory_format=torch.channels_last), weight.float(),
+                             None if b is None else b.float())
+    torch.testing.assert_close(got32, want.float(), rtol=1e-5, atol=1e-5)
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),   # converted
+                         nn.Conv2d(8, 8, 3, stride=2, padding=1),      # strided: kept
+                         nn.Conv2d(8, 8, 1),                           # 1 x 1: kept
+                         nn.Conv2d(8, 8, 3, padding=1, bias=False),    # converted
+                         nn.Conv2d(8, 8, 3, padding=2, dilation=2))    # dilated: kept
+
+
+def test_use_winograd_converts_3x3_stride_1_convolutions_and_leaves_eager_results_alone():
+    net, reference = _net(), _net()
+    x = torch.randn(2, 3, 9, 10)
+    assert use_winograd(net) == 2
+    assert [type(m) is WinogradConv2d for m in net if isinstance(m, nn.Conv2d)] == [True, False, False, True, False]
+    assert net.state_dict().keys() == reference.state_dict().keys()
+    with torch.no_grad():
+        assert torch.equal(net(x), reference(x))  # eagerly: nn.Conv2d, bit for bit
+
+
+def test_compiled_graph_computes_by_winograd():
+    """Under torch.compile the converted convolutions become Winograd's batched matrix products
+    (the graph dynamo hands to the backend holds bmm, and convolution only for those kept)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    net, reference = _net(), _net()
+    use_winograd(net)
+    x = torch.randn(2, 3, 9, 10)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got = torch.compile(net, backend=backend)(x)
+        want = reference(x)
+    targets = [str(node.target) for gm in graphs for node in gm.graph.nodes if node.op == "call_function"]
+    assert sum("bmm" in t for t in targets) == 2
+    assert sum("conv2d" in t for t in targets) == 3
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

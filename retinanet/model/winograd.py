@@ -6,8 +6,8 @@ Y = A^T [(G g G^T) * (B^T d B)] A, the sum over input channels turning the 16 el
 products into 16 independent matrix products (tiles x C_in) @ (C_in x C_out). That is 2.25x
 fewer multiply-adds, for a transform of the input (4x the activations, adds only) and of the
 output. oneDNN has no float32 Winograd on x86 and torch's NNPACK is slower than oneDNN's direct
-convolution, so RetinaNet's head (80 % of R50-FPN's multiply-adds at 512 x 512) ran at the CPU's
-matrix-product ceiling; this is the way below it.
+convolution, so R50-FPN (its head alone about 60 % of the multiply-adds at 512 x 512) ran at
+the CPU's matrix-product ceiling; this is the way below it.
 
 The transforms pay only when fused into single loops, which is what inductor makes of them
 (eager torch, one op at a time, measured no faster than the direct convolution), so

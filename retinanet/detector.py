@@ -16,6 +16,7 @@ from torch import Tensor
 from .compiling import CompiledOrNone
 from .config import Config, load_config
 from .data import Batch, Collate, build_transform, label_mapping, load_coco
+from .data.transforms import rgb_to_tensor
 from .losses import build_box_coder
 from .model import RetinaNet, build_model, use_fast_memory_format
 from .model.fold import fold_batchnorm
@@ -125,8 +126,7 @@ class Detector:
         """A checked image -> float (3, H, W) in [0, 1] on self.device."""
         if isinstance(image, Tensor):
             return image.detach().to(self.device)
-        pixels = torch.from_numpy(np.ascontiguousarray(image)).to(self.device)
-        return pixels.permute(2, 0, 1).float() / 255
+        return rgb_to_tensor(image, self.device)
 
 
 def _hw(image: np.ndarray | Tensor) -> tuple[int, int]:

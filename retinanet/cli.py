@@ -1,18 +1,27 @@
-"""Shared command-line plumbing for tools/: config errors become one line and exit code 2."""
+"""Shared command-line plumbing for tools/: `key=value` overrides anywhere on the line, and the
+user's errors (retinanet.errors) as one line with exit code 2; everything else keeps its traceback."""
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import Callable
 
-from .config import ConfigError
+from .errors import TrainingDiverged, UserError
+
+
+class _IntermixedParser(argparse.ArgumentParser):
+    """Positional overrides may come before, between or after the options
+    (`--config C a=1 --weights W b=2`): plain argparse stops collecting them at the first option."""
+
+    def parse_args(self, args=None, namespace=None):
+        return self.parse_intermixed_args(args, namespace)
 
 
 def config_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=description)
+    parser = _IntermixedParser(description=description)
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dotted config overrides, e.g. train.max_iter=100")
+                        help="dotted config overrides anywhere on the line, e.g. train.max_iter=100")
     return parser
 
 
@@ -25,12 +34,13 @@ def positive_int(text: str) -> int:
 
 
 def run_cli(main: Callable[[], int | None]) -> None:
-    """Runs `main`; user errors (bad config, missing file, bad value) print one line, exit 2."""
+    """Runs `main`. Our own user-facing errors print one line: exit 1 for a run that diverged,
+    2 for everything else the user can fix (bad config, bad data, a missing or unsafe file)."""
     try:
         sys.exit(main() or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as error:  # training diverged (see Trainer.step): said, not traced
+    except TrainingDiverged as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

@@ -17,9 +17,7 @@ from typing import Any, Literal, Optional, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config file or override that does not fit the schema. The message is one line."""
+from .errors import ConfigError  # noqa: F401  (re-exported: `from retinanet.config import ConfigError`)
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,9 +309,24 @@ def to_dict(config: Config) -> dict:
     return dataclasses.asdict(config)
 
 
+def config_to_yaml(config: Config) -> str:
+    """The resolved config as YAML text (what a run folder's config.yaml and a checkpoint hold)."""
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def config_from_yaml(text: str, source: str = "<yaml>") -> Config:
+    """Inverse of config_to_yaml, checked against the schema like a config file."""
+    data = yaml.safe_load(text)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: config must be a mapping, got {type(data).__name__}")
+    config = from_dict(data, source=source)
+    validate(config)
+    return config
+
+
 def save_config(config: Config, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    Path(path).write_text(config_to_yaml(config))
 
 
 def all_keys(cls: type = Config, prefix: str = "") -> list[str]:

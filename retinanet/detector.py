@@ -17,11 +17,13 @@ from .compiling import CompiledOrNone
 from .config import Config, load_config
 from .data import Batch, Collate, build_transform, label_mapping, load_coco
 from .data.transforms import rgb_to_tensor
+from .errors import ConfigError, DataError
 from .losses import build_box_coder
 from .model import RetinaNet, build_model, use_fast_memory_format
 from .model.fold import fold_batchnorm
 from .model.winograd import use_winograd
 from .postprocess import PostProcessor, build_postprocessor
+from .weights import load_model_weights
 
 
 class Detector:
@@ -59,16 +61,14 @@ class Detector:
         checkpoint or a bare state dict; default: the config's model.weights). Class names and
         category ids come from the config's validation (else training) annotations when that
         file exists."""
-        from .engine.checkpoint import load_model_weights
-
         cfg = config if isinstance(config, Config) else load_config(config, overrides)
         class_names, label_to_cat_id = _categories(cfg)
         num_classes = cfg.model.num_classes or (len(class_names) if class_names else None)
         if num_classes is None:
-            raise ValueError("model.num_classes is not set and no annotation file was found to "
+            raise ConfigError("model.num_classes is not set and no annotation file was found to "
                              "derive it from (set data.val.annotations or model.num_classes)")
         if class_names and len(class_names) != num_classes:
-            raise ValueError(f"model.num_classes is {num_classes} but the dataset has "
+            raise ConfigError(f"model.num_classes is {num_classes} but the dataset has "
                              f"{len(class_names)} categories")
         if label_to_cat_id is None and cfg.data.label_map == "category_id":
             label_to_cat_id = {i: i for i in range(num_classes)}  # no json to tell which are "N/A"
@@ -137,11 +137,11 @@ def _hw(image: np.ndarray | Tensor) -> tuple[int, int]:
 def _check_image(image: np.ndarray | Tensor, index: int) -> np.ndarray | Tensor:
     if isinstance(image, Tensor):
         if image.ndim != 3 or image.shape[0] != 3 or not image.is_floating_point():
-            raise ValueError(f"image {index}: tensors must be float (3, H, W) in [0, 1], got "
+            raise DataError(f"image {index}: tensors must be float (3, H, W) in [0, 1], got "
                              f"{image.dtype} {tuple(image.shape)}")
         return image
     if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image {index}: arrays must be RGB uint8 (H, W, 3), got "
+        raise DataError(f"image {index}: arrays must be RGB uint8 (H, W, 3), got "
                          f"{getattr(image, 'dtype', type(image))} {getattr(image, 'shape', '')}")
     return image
 

@@ -14,7 +14,7 @@ import torch
 
 from retinanet.config import load_config
 from retinanet.data import CocoDetection, build_dataset, build_train_loader
-from retinanet.engine.checkpoint import KILL_IN_SAVE, load_checkpoint
+from retinanet.engine.checkpoint import load_checkpoint
 from retinanet.engine.trainer import Trainer
 from retinanet.losses.matcher import IGNORE, Matcher
 
@@ -233,7 +233,8 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(shapes_dir, tmp_path):
     assert _run(_train_cmd(shapes_dir, out), kill_after_line="iter      3/8") == -signal.SIGKILL
     assert (out / "model_0000002.pth").is_file() and not (out / "model_0000004.pth").exists()
     # 2. resumed, then killed while writing checkpoint 6: its temp file is written, not renamed
-    killed = _run(_train_cmd(shapes_dir, out, "--resume", "auto"), env={KILL_IN_SAVE: "model_0000006.pth"},
+    cmd = _train_cmd(shapes_dir, out, "--resume", "auto")
+    killed = _run([cmd[0], str(REPO_ROOT / "tests" / "kill_in_save.py"), "model_0000006.pth", *cmd[1:]],
                   kill_after_line="never printed")
     assert killed == -signal.SIGKILL
     assert not (out / "model_0000006.pth").exists() and list(out.glob(".model_0000006.pth.*.tmp"))

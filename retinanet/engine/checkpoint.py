@@ -1,16 +1,28 @@
-"""Checkpoints written atomically: a temp file in the same folder, fsync, then rename."""
+"""Checkpoints: plain data (tensors, numbers, strings, lists, dicts), written atomically and
+read with `torch.load(weights_only=True)`, so that a file a user hands us cannot run code.
+
+A trainer checkpoint holds {"format", "version", "model", "optimizer", "scheduler", "scaler",
+"criterion", "iteration", "samples_seen", "bad_steps", "rng", "config" (YAML text),
+"class_names", "category_ids"}; weights files may also be bare state dicts (torchvision's).
+Files written before version 2 pickled the Config dataclass and numpy's RNG state: they are
+refused, naming the file, until `tools/upgrade_checkpoint.py --trust` rewrites them.
+"""
 from __future__ import annotations
 
 import os
 import random
-import signal
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..config import Config, config_to_yaml
+from ..errors import CheckpointError, MissingFileError
+from ..weights import load_checkpoint, load_model_weights, model_state  # noqa: F401  (re-exported)
 
+FORMAT = "retinanet-checkpoint"
+VERSION = 2
 _TMP_SUFFIX = ".tmp"
 
 
@@ -23,12 +35,9 @@ def remove_interrupted_writes(folder: str | Path) -> list[str]:
     return [path.name for path in stale]
 
 
-# Tests set this to a checkpoint's file name: the process then kills itself (SIGKILL) after
-# writing that checkpoint's temp file and before the rename, as a crash mid-write would.
-KILL_IN_SAVE = "RETINANET_KILL_IN_SAVE"
-
-
 def atomic_save(obj, path: str | Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, rename over `path`, fsync the folder:
+    readers see the old file or the new one, and after a power loss the rename is not lost."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TMP_SUFFIX)
@@ -37,67 +46,49 @@ def atomic_save(obj, path: str | Path) -> None:
             torch.save(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
-        if os.environ.get(KILL_IN_SAVE) == path.name:  # fault injection for the resume tests
-            os.kill(os.getpid(), signal.SIGKILL)
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename is an entry of the folder: durable only once the folder is
+    finally:
+        os.close(fd)
+
+
+# RNG states as plain data: Python's as a list of ints, numpy's key array as a tensor.
+def _plain_python_rng(state: tuple) -> dict:
+    version, words, gauss = state
+    return {"version": version, "state": list(words), "gauss_next": gauss}
+
+
+def _plain_numpy_rng(state: tuple) -> dict:
+    name, keys, pos, has_gauss, cached = state
+    return {"bit_generator": name, "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)),
+            "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": _plain_python_rng(random.getstate()),
+             "numpy": _plain_numpy_rng(np.random.get_state()), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    np.random.set_state((npy["bit_generator"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached_gaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    # RNG states hold numpy objects, so this is a full unpickle: load only checkpoints you trust.
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
-def load_model_weights(model: torch.nn.Module, path: str | Path, *,
-                       skip_mismatched: bool = False) -> list[str]:
-    """Loads a trainer checkpoint ({"model": ...}) or a bare state dict into `model`.
-
-    Every key must exist on both sides. A shape mismatch is an error, or with `skip_mismatched`
-    (fine-tuning to another class count) the parameter keeps its current value and its key is
-    returned, so that the caller can say what was re-initialised.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a state dict or a checkpoint holding 'model'")
-    own = model.state_dict()
-    mismatched = [k for k, v in state.items() if k in own and tuple(own[k].shape) != tuple(v.shape)]
-    if mismatched and not skip_mismatched:
-        key = mismatched[0]
-        raise ValueError(f"{path}: {key} has shape {tuple(state[key].shape)}, the model has "
-                         f"{tuple(own[key].shape)} (check model.* in the config, e.g. num_classes)")
-    result = model.load_state_dict({k: v for k, v in state.items() if k not in mismatched}, strict=False)
-    # BatchNorm's step counters are absent from FrozenBN checkpoints and unused in eval
-    missing = [k for k in result.missing_keys
-               if k not in mismatched and not k.endswith("num_batches_tracked")]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"{path}: weights do not fit this model: missing {missing[:5]}, "
-                         f"unexpected {result.unexpected_keys[:5]} (check model.* in the config)")
-    return mismatched
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -107,3 +98,29 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     if final.is_file():
         return final
     return candidates[-1] if candidates else None
+
+
+def upgrade_checkpoint(src: str | Path, dst: str | Path) -> dict:
+    """Rewrites an old-format checkpoint (pickled Config and numpy RNG state) as plain data.
+
+    This unpickles `src` in full, which runs whatever code the file carries: call it only on
+    files you wrote yourself or otherwise trust. Returns the rewritten checkpoint."""
+    src = Path(src)
+    if not src.is_file():
+        raise MissingFileError(f"checkpoint not found: {src}")
+    old = torch.load(src, map_location="cpu", weights_only=False)
+    if not isinstance(old, dict):
+        raise CheckpointError(f"{src}: not a checkpoint (a {type(old).__name__}, expected a dict)")
+    new = dict(old)
+    if isinstance(old.get("config"), Config):
+        new["config"] = config_to_yaml(old["config"])
+    rng = old.get("rng")
+    if isinstance(rng, dict) and isinstance(rng.get("numpy"), tuple):
+        new["rng"] = dict(rng, python=_plain_python_rng(rng["python"]),
+                          numpy=_plain_numpy_rng(rng["numpy"]))
+    if "model" in new:
+        new.setdefault("format", FORMAT)
+        new["version"] = VERSION
+    atomic_save(new, dst)
+    load_checkpoint(dst)  # what it wrote is plain data, or this raises
+    return new

@@ -18,16 +18,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import Config, save_config
+from ..config import Config, config_to_yaml, save_config
 from ..data import build_dataset, build_test_loader, build_train_loader
 from ..detector import Detector
 from ..losses import build_box_coder, build_criterion
+from ..losses.focal import upcast
 from ..model import build_model, use_fast_memory_format
 from ..postprocess import build_postprocessor
 from ..data.transforms import build_transform
 from ..visualize import draw_detections
-from .checkpoint import (atomic_save, latest_checkpoint, load_checkpoint, load_model_weights,
-                         remove_interrupted_writes, rng_state, set_rng_state)
+from ..errors import ConfigError, DataError, MissingFileError, TrainingDiverged
+from .checkpoint import (FORMAT, VERSION, atomic_save, latest_checkpoint, load_checkpoint,
+                         load_model_weights, remove_interrupted_writes, rng_state, set_rng_state)
 from .distributed import (all_reduce_max, all_reduce_mean, barrier, broadcast_buffers,
                           init_distributed)
 from .evaluator import METRIC_NAMES, Evaluator
@@ -63,7 +65,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device is {name!r} but CUDA is not available (use 'cpu' or 'auto')")
+        raise ConfigError(f"train.device is {name!r} but CUDA is not available (use 'cpu' or 'auto')")
     return torch.device(name)
 
 
@@ -144,7 +146,7 @@ class Trainer:
         self.train_set.report_dropped()
         num_classes = self.train_set.num_classes
         if config.model.num_classes is not None and config.model.num_classes != num_classes:
-            raise ValueError(f"model.num_classes is {config.model.num_classes} but "
+            raise ConfigError(f"model.num_classes is {config.model.num_classes} but "
                              f"{config.data.train.annotations} has {num_classes} categories "
                              "(leave model.num_classes unset to derive it)")
         config.model.num_classes = num_classes
@@ -152,8 +154,10 @@ class Trainer:
             save_config(config, self.output_dir / "config.yaml")
 
         backbone = config.model.backbone
-        init_weights = config.model.weights if not resume else None
-        if backbone.norm == "frozen_bn" and not backbone.weights and not init_weights and not resume:
+        # --resume auto on a first launch finds nothing and starts like a run without --resume
+        resume_from = self._resume_path(resume) if resume else None
+        init_weights = config.model.weights if resume_from is None else None
+        if backbone.norm == "frozen_bn" and not backbone.weights and not init_weights and not resume_from:
             logger.warning("model.backbone.norm is frozen_bn but model.backbone.weights is not set: "
                            "the backbone's normalisation stays at its random initialisation "
                            "(set the weights path, or use norm: bn to train from scratch)")
@@ -164,7 +168,7 @@ class Trainer:
                 f"; re-initialised (shape differs): {', '.join(skipped)}" if skipped else ""))
         if config.train.sync_bn and self.dist.world_size > 1:
             if self.device.type != "cuda":
-                raise ValueError("train.sync_bn needs CUDA (SyncBatchNorm has no CPU kernel): set "
+                raise ConfigError("train.sync_bn needs CUDA (SyncBatchNorm has no CPU kernel): set "
                                  "train.sync_bn=false for CPU processes")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.model = use_fast_memory_format(model.to(self.device), self.device,
@@ -196,18 +200,18 @@ class Trainer:
         self._bn_buffers = [buf for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                             for buf in (m.running_mean, m.running_var, m.num_batches_tracked)
                             if buf is not None]
-        if resume:
-            self._resume(resume)
+        if resume_from is not None:
+            self._resume(resume_from)
 
         self.val_set = None
         if config.data.val.annotations:
             self.val_set = build_dataset(config.data, train=False, check=True, log=self.log)
             if self.val_set.cat_ids != self.train_set.cat_ids or \
                     self.val_set.class_names != self.train_set.class_names:
-                raise ValueError(f"{config.data.val.annotations} and {config.data.train.annotations} "
+                raise DataError(f"{config.data.val.annotations} and {config.data.train.annotations} "
                                  "list different categories; both splits need the same ids and names")
         elif config.train.eval_period:
-            raise ValueError("train.eval_period is set but data.val.annotations is empty")
+            raise ConfigError("train.eval_period is set but data.val.annotations is empty")
         self.detector = Detector(self.model, transform=build_transform(config.data, train=False),
                                  postprocessor=build_postprocessor(config, build_box_coder(config)),
                                  size_divisibility=config.data.size_divisibility,
@@ -295,9 +299,9 @@ class Trainer:
         at the next settle_skipped_steps."""
         saved_stats = [buf.clone() for buf in self._bn_buffers]
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
-            out = self.network(batch.images)
-        # The loss runs in float32 whatever the forward's precision (see losses/focal.py).
-        losses = self.criterion(out.cls_logits.float(), out.box_deltas.float(), out.anchors,
+            out = self.network(batch.images.to(self._params[0].dtype))  # float64 models: see tests
+        # The loss runs in at least float32 whatever the forward's precision (see losses/focal.py).
+        losses = self.criterion(upcast(out.cls_logits), upcast(out.box_deltas), out.anchors,
                                 batch.boxes, batch.labels)
         total = losses["loss_cls"] + losses["loss_box"]
         self.optimizer.zero_grad(set_to_none=True)
@@ -378,7 +382,7 @@ class Trainer:
                  f"{float(skipped['loss_cls']):.4g}, loss_box {float(skipped['loss_box']):.4g}, grad norm "
                  f"{float(skipped['grad_norm']):.4g}); step skipped, weights unchanged; image ids {image_ids}")
         if self.bad_steps >= self.config.train.max_bad_steps:
-            raise FloatingPointError(
+            raise TrainingDiverged(
                 f"{self.bad_steps} consecutive steps with a non-finite loss or gradient (the last at "
                 f"iteration {iteration}, image ids {image_ids}); stopping. Check the data with "
                 "tools/check_dataset.py, lower train.optimizer.lr or set train.clip_grad_norm")
@@ -405,7 +409,7 @@ class Trainer:
     # ----------------------------------------------------------------------------------------
     def evaluate(self, visualize: bool = False) -> dict:
         if self.val_set is None:
-            raise ValueError("no validation set: set data.val.images and data.val.annotations")
+            raise ConfigError("no validation set: set data.val.images and data.val.annotations")
         self.settle_skipped_steps()
         broadcast_buffers(self.model)
         loader = build_test_loader(self.val_set, batch_size=self.config.eval.batch_size,
@@ -420,7 +424,7 @@ class Trainer:
 
         def add_val_loss(out, batch) -> None:
             # The training loss on validation images (eval mode: BatchNorm uses its statistics).
-            losses = self.criterion(out.cls_logits.float(), out.box_deltas.float(), out.anchors,
+            losses = self.criterion(upcast(out.cls_logits), upcast(out.box_deltas), out.anchors,
                                     [b.to(self.device) for b in batch.boxes],
                                     [lab.to(self.device) for lab in batch.labels])
             for key in ("loss_cls", "loss_box"):
@@ -461,31 +465,44 @@ class Trainer:
 
     def save(self, name: str) -> Path:
         """Writes a checkpoint atomically, then keeps only the newest train.keep_checkpoints
-        periodic ones. Refuses (FloatingPointError) to write weights that are not finite."""
+        periodic ones. Refuses (TrainingDiverged) to write weights that are not finite."""
         path = self.output_dir / name
         self.settle_skipped_steps()  # the checkpoint's bad_steps must be current
         broadcast_buffers(self.model)
         state = self.model.state_dict()
         bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
-            raise FloatingPointError(f"not writing {path}: non-finite values in {bad[:5]}")
+            raise TrainingDiverged(f"not writing {path}: non-finite values in {bad[:5]}")
         if not self.dist.is_main:  # the weights are the same on every rank: rank 0 writes them
             return path
-        atomic_save({"model": state, "optimizer": self.optimizer.state_dict(),
-                     "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                     "criterion": self.criterion.state_dict(), "iteration": self.iteration,
-                     "samples_seen": self.samples_seen, "bad_steps": self.bad_steps,
-                     "rng": rng_state(), "config": self.config}, path)
+        # plain data only (see checkpoint.py): loadable with weights_only=True
+        labels = range(self.model.num_classes)
+        atomic_save({"format": FORMAT, "version": VERSION, "model": state,
+                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                     "scaler": self.scaler.state_dict(), "criterion": self.criterion.state_dict(),
+                     "iteration": self.iteration, "samples_seen": self.samples_seen,
+                     "bad_steps": self.bad_steps, "rng": rng_state(), "config": config_to_yaml(self.config),
+                     "class_names": list(self.train_set.class_names),
+                     "category_ids": [self.train_set.label_to_cat_id.get(i, -1) for i in labels]}, path)
         periodic = sorted(self.output_dir.glob("model_[0-9]*.pth"))
         for old in periodic[: max(0, len(periodic) - self.config.train.keep_checkpoints)]:
             old.unlink()
         return path
 
-    def _resume(self, resume: str) -> None:
-        path = latest_checkpoint(self.output_dir) if resume == "auto" else Path(resume)
+    def _resume_path(self, resume: str) -> Optional[Path]:
+        """The checkpoint `resume` names: a path, or "auto" for the newest one in output_dir
+        (None when there is none yet: a first launch)."""
+        if resume != "auto":
+            if not Path(resume).is_file():
+                raise MissingFileError(f"--resume {resume}: checkpoint not found")
+            return Path(resume)
+        path = latest_checkpoint(self.output_dir)
         if path is None:
-            self.log(f"--resume auto: no checkpoint in {self.output_dir}, starting from scratch")
-            return
+            start = f"from {self.config.model.weights}" if self.config.model.weights else "from scratch"
+            self.log(f"--resume auto: no checkpoint in {self.output_dir} yet, starting {start}")
+        return path
+
+    def _resume(self, path: Path) -> None:
         state = load_checkpoint(path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 from .boxes import BoxCoder, clip_boxes
+from .errors import ConfigError
 from .model import AnchorGenerator, RetinaNet
 from .postprocess import PostProcessor
 
@@ -288,14 +289,14 @@ def export_torchscript(model: InferenceModel, images: Tensor, path: str | Path) 
 
 
 def check_onnx_opset(opset: int) -> None:
-    """ValueError unless the graph and torch's TorchScript-based exporter both support `opset`."""
+    """ConfigError unless the graph and torch's TorchScript-based exporter both support `opset`."""
     # torch 2.15's exporter stops at 20; the constant is private, hence the fallback.
     constants = getattr(torch.onnx, "_constants", None)
     highest = getattr(constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20)
     if not MIN_ONNX_OPSET <= opset <= highest:
-        raise ValueError(f"ONNX opset {opset} is not supported: use {MIN_ONNX_OPSET}..{highest} "
-                         f"(the per-image counts need ScatterElements with reduction, opset "
-                         f"{MIN_ONNX_OPSET}; torch's TorchScript-based exporter stops at {highest})")
+        raise ConfigError(f"ONNX opset {opset} is not supported: use {MIN_ONNX_OPSET}..{highest} "
+                          f"(the per-image counts need ScatterElements with reduction, opset "
+                          f"{MIN_ONNX_OPSET}; torch's TorchScript-based exporter stops at {highest})")
 
 
 def require_onnx() -> None:

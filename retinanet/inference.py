@@ -25,6 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .data.coco import decode_rgb
+from .errors import ConfigError, DataError, MissingFileError
 
 # Extensions taken from a folder or a glob (case-insensitive); a single named file may have any.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -35,7 +36,7 @@ def expand_inputs(spec: str | Path) -> tuple[list[Path], Path]:
     """An image file, a folder (its image files, not recursive) or a glob pattern (`**` recurses)
     -> (files sorted by path, root folder that file names in the json are relative to: the
     folder, the file's folder, or the deepest folder common to the glob's matches).
-    Raises FileNotFoundError naming `spec` when nothing matches."""
+    Raises MissingFileError naming `spec` when nothing matches."""
     spec = str(spec)
     path = Path(spec)
     if path.is_file():
@@ -43,16 +44,16 @@ def expand_inputs(spec: str | Path) -> tuple[list[Path], Path]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and _is_image(p))
         if not files:
-            raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in folder {spec}")
+            raise MissingFileError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in folder {spec}")
         return files, path
     if not _GLOB_CHARS & set(spec):
-        raise FileNotFoundError(f"input not found: {spec} (give an image file, a folder or a glob "
-                                "pattern such as 'photos/*.jpg', quoted so the shell leaves it alone)")
+        raise MissingFileError(f"input not found: {spec} (give an image file, a folder or a glob "
+                               "pattern such as 'photos/*.jpg', quoted so the shell leaves it alone)")
     matches = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
     files = [p for p in matches if _is_image(p)]
     if not files:
         found = f" ({len(matches)} files matched, none with an image extension)" if matches else ""
-        raise FileNotFoundError(f"no image files match the pattern {spec}{found}")
+        raise MissingFileError(f"no image files match the pattern {spec}{found}")
     return files, Path(os.path.commonpath([str(p.parent.absolute()) for p in files]))
 
 
@@ -62,12 +63,12 @@ def _is_image(path: Path) -> bool:
 
 def read_rgb(path: str | Path) -> np.ndarray:
     """An image file -> RGB uint8 (H, W, 3), read with cv2 as the dataset does (EXIF orientation
-    applied, grey and 16-bit images converted to 8-bit colour). ValueError naming the file when
+    applied, grey and 16-bit images converted to 8-bit colour). DataError naming the file when
     it cannot be decoded."""
     image = decode_rgb(path)
     if image is None:
-        raise ValueError(f"cannot read image {path} (missing, not an image or truncated; "
-                         "--skip-bad skips such files)")
+        raise DataError(f"cannot read image {path} (missing, not an image or truncated; "
+                        "--skip-bad skips such files)")
     return image
 
 
@@ -130,18 +131,18 @@ def infer_files(detector, files: Sequence[Path], root: Path, output_dir: str | P
                 draw: bool = True, log: Callable[[str], None] = print) -> InferenceSummary:
     """Runs `detector` (a retinanet.Detector) on `files` in batches, writes
     output_dir/<stem>.png (detections with score >= score_thresh drawn) and
-    output_dir/detections.json. An unreadable file is a ValueError naming it, or with `skip_bad`
+    output_dir/detections.json. An unreadable file is a DataError naming it, or with `skip_bad`
     a warning (through `log`) and a count. Images are read one batch at a time."""
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"output {output_dir} exists and is not a folder")
+        raise ConfigError(f"output {output_dir} exists and is not a folder; choose another --output")
     names = output_names(files)
     # Writing <stem>.png into the input folder would replace the inputs that are PNGs.
     inputs = {Path(f).resolve() for f in files}
     clash = next((n for n in names if (output_dir / n).resolve() in inputs), None)
     if clash:
-        raise ValueError(f"output {output_dir / clash} would overwrite an input image; choose "
-                         "another --output folder")
+        raise ConfigError(f"output {output_dir / clash} would overwrite an input image; choose "
+                          "another --output folder")
     output_dir.mkdir(parents=True, exist_ok=True)
     label_to_cat = detector.label_to_cat_id
     cat_names = {cat: detector.class_names[label] for label, cat in label_to_cat.items()}
@@ -152,7 +153,7 @@ def infer_files(detector, files: Sequence[Path], root: Path, output_dir: str | P
         for index in range(start, min(start + batch_size, len(files))):
             try:
                 batch.append((index, files[index], read_rgb(files[index])))
-            except ValueError as error:
+            except DataError as error:
                 if not skip_bad:
                     raise
                 summary.skipped.append(str(files[index]))

@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retinanet.cli import config_parser, positive_int, run_cli  # noqa: E402
+from retinanet.errors import ConfigError, MissingFileError  # noqa: E402
 
 
 def main() -> int:
@@ -44,12 +45,12 @@ def main() -> int:
     split = data.train if args.split == "train" else data.val
     key = f"data.{args.split}"
     if not split.images or not split.annotations:
-        raise ValueError(f"{key}.images and {key}.annotations must be set in the config")
+        raise ConfigError(f"{key}.images and {key}.annotations must be set in the config")
     # Checked before importing torch (seconds): a wrong path should fail at once.
     if not Path(split.annotations).is_file():
-        raise FileNotFoundError(f"annotation file not found: {split.annotations} ({key}.annotations)")
+        raise MissingFileError(f"annotation file not found: {split.annotations} ({key}.annotations)")
     if not Path(split.images).is_dir():
-        raise FileNotFoundError(f"image folder not found: {split.images} ({key}.images)")
+        raise MissingFileError(f"image folder not found: {split.images} ({key}.images)")
     import torch
 
     from retinanet import analysis

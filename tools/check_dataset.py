@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retinanet.cli import run_cli  # noqa: E402
+from retinanet.errors import MissingFileError  # noqa: E402
 
 
 def main() -> int:
@@ -29,9 +30,9 @@ def main() -> int:
     # A wrong path is a usage error (exit 2), not a finding about the dataset.
     annotations, images = Path(args.annotations), Path(args.images)
     if not annotations.is_file():
-        raise FileNotFoundError(f"annotation file not found: {annotations} (check --annotations)")
+        raise MissingFileError(f"annotation file not found: {annotations} (check --annotations)")
     if not images.is_dir():
-        raise FileNotFoundError(f"image folder not found: {images} (check --images)")
+        raise MissingFileError(f"image folder not found: {images} (check --images)")
     # Imported only now: retinanet.data imports torch (seconds); a usage error should be instant.
     from retinanet.data.checks import check_coco_dataset
     report = check_coco_dataset(images, annotations, read_images=not args.no_read)

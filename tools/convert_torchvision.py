@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from retinanet.cli import run_cli  # noqa: E402
+from retinanet.errors import CheckpointError, MissingFileError  # noqa: E402
 
 CONFIGS = {"v1": ROOT / "configs/torchvision/retinanet_resnet50_fpn.yaml",
            "v2": ROOT / "configs/torchvision/retinanet_resnet50_fpn_v2.yaml"}
@@ -39,12 +40,13 @@ def main() -> int:
 
     src = Path(args.src)
     if not src.is_file():
-        raise FileNotFoundError(f"--src {src} not found")
+        raise MissingFileError(f"--src {src} not found")
     try:
         loaded = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as error:  # any unpickling failure: say which file and why, no traceback
-        raise ValueError(f"{src}: cannot be read as a torch checkpoint ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''})") from None
+        raise CheckpointError(f"{src}: cannot be read as a torch checkpoint "
+                              f"({type(error).__name__}: "
+                              f"{str(error).splitlines()[0] if str(error) else ''})") from None
     try:
         state = unwrap_state_dict(loaded)
         num_classes = num_classes_of(state)
@@ -53,7 +55,7 @@ def main() -> int:
         model = build_model(config.model, num_classes, load_backbone_weights=False)
         check_against(converted, model.state_dict(), args.arch)
     except ConversionError as error:
-        raise ValueError(f"{src}: {error}") from None
+        raise CheckpointError(f"{src}: {error}") from None
     model.load_state_dict(converted, strict=False)  # proves it loads; the file keeps the tensors as read
     atomic_save({"model": converted, "converted_from": str(src), "arch": args.arch,
                  "num_classes": num_classes}, args.dst)

@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from retinanet.cli import config_parser, run_cli  # noqa: E402
+from retinanet.errors import ConfigError  # noqa: E402
 
 EXAMPLE_BATCH = 2  # more than 1, so that nothing in the trace can take the batch axis for a constant
 
@@ -44,7 +45,7 @@ def main() -> int:
         try:
             export.require_onnx()
         except ModuleNotFoundError as error:
-            raise ValueError(str(error)) from None
+            raise ConfigError(str(error)) from None
         export.check_onnx_opset(args.opset)
     config = load_config(args.config, args.overrides)
     height, width = _example_size(config.data, args.height, args.width)
@@ -103,8 +104,8 @@ def _example_size(data_config, height: int | None, width: int | None) -> tuple[i
     width = padded(data_config.test_max_size) if width is None else width
     for name, value in (("--height", height), ("--width", width)):
         if value <= 0 or value % divisor:
-            raise ValueError(f"{name} {value} is not a positive multiple of "
-                             f"data.size_divisibility ({divisor})")
+            raise ConfigError(f"{name} {value} is not a positive multiple of "
+                              f"data.size_divisibility ({divisor})")
     return height, width
 
 

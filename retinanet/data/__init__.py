@@ -1,6 +1,7 @@
 """Data package: COCO datasets, albumentations pipelines, batching."""
 from __future__ import annotations
 
+from ..errors import ConfigError, DataError
 from .coco import CocoDetection, categories, label_mapping, load_coco
 from .loader import Batch, Collate, build_test_loader, build_train_loader, pad_images
 from .transforms import DetectionTransform, EvalTransform, build_transform
@@ -17,11 +18,11 @@ HANDLED_WHEN_LOADING = {"zero_size_box", "non_finite_box"}
 def build_dataset(data_cfg, *, train: bool, check: bool = False, log=None) -> CocoDetection:
     """The train or val split of the config. `check` runs `check_coco_dataset` (files checked to
     exist, not decoded) first: problems loading copes with are logged through `log`; the others
-    (and missing files unless data.skip_bad_images) are a ValueError listing them."""
+    (and missing files unless data.skip_bad_images) are a DataError listing them, on one line."""
     split = data_cfg.train if train else data_cfg.val
     key = "data.train" if train else "data.val"
     if not split.images or not split.annotations:
-        raise ValueError(f"{key}.images and {key}.annotations must be set in the config")
+        raise ConfigError(f"{key}.images and {key}.annotations must be set in the config")
     dataset = None
     if check:
         from .checks import check_coco_dataset
@@ -31,9 +32,9 @@ def build_dataset(data_cfg, *, train: bool, check: bool = False, log=None) -> Co
         handled = HANDLED_WHEN_LOADING | ({"image_missing"} if data_cfg.skip_bad_images else set())
         fatal = [issue for issue in report.errors if issue.check not in handled]
         if fatal:
-            raise ValueError(f"{key}: {split.annotations} cannot be used as it is (full report: "
-                             f"python tools/check_dataset.py --images {split.images} --annotations "
-                             f"{split.annotations}):\n  " + "\n  ".join(str(i) for i in fatal))
+            raise DataError(f"{key}: {split.annotations} cannot be used as it is (full report: "
+                            f"python tools/check_dataset.py --images {split.images} --annotations "
+                            f"{split.annotations}): " + "; ".join(str(i) for i in fatal))
         for issue in report.errors + report.warnings:
             (log or print)(f"{key}: {issue}")
     return CocoDetection(split.images, split.annotations, transform=build_transform(data_cfg, train=train),

@@ -19,6 +19,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from ..boxes import MIN_BOX_SIDE
+from ..errors import DataError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ def load_coco(annotations: str | Path, dataset: Optional[dict] = None) -> COCO:
     when given, is the file's already parsed json (COCO train's takes seconds to parse)."""
     path = Path(annotations)
     if dataset is None and not path.is_file():
-        raise FileNotFoundError(f"annotation file not found: {path}")
+        raise MissingFileError(f"annotation file not found: {path}")
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             if dataset is None:
@@ -38,7 +39,7 @@ def load_coco(annotations: str | Path, dataset: Optional[dict] = None) -> COCO:
             coco.createIndex()
             return coco
     except (ValueError, KeyError, TypeError, AssertionError) as error:
-        raise ValueError(f"{path}: not a COCO instances json ({type(error).__name__}: {error})") from None
+        raise DataError(f"{path}: not a COCO instances json ({type(error).__name__}: {error})") from None
 
 
 def categories(coco: COCO) -> tuple[list[int], list[str]]:
@@ -85,7 +86,7 @@ def label_mapping(coco: COCO, mode: str = "contiguous") -> tuple[dict[int, int],
     if mode != "category_id":
         raise ValueError(f"label map must be 'contiguous' or 'category_id', got {mode!r}")
     if cat_ids and min(cat_ids) < 0:
-        raise ValueError(f"label_map category_id needs non-negative category ids, got {min(cat_ids)}")
+        raise DataError(f"label_map category_id needs non-negative category ids, got {min(cat_ids)}")
     by_id = dict(zip(cat_ids, names))
     num_labels = max(cat_ids) + 1 if cat_ids else 0
     return {c: c for c in cat_ids}, [by_id.get(k, "N/A") for k in range(num_labels)]
@@ -108,14 +109,14 @@ class CocoDetection(Dataset):
         self.images_dir = Path(images_dir)
         self.annotations_file = Path(annotations)
         if not self.images_dir.is_dir():
-            raise FileNotFoundError(f"image folder not found: {self.images_dir} "
-                                    f"(for annotations {self.annotations_file})")
+            raise MissingFileError(f"image folder not found: {self.images_dir} "
+                                   f"(for annotations {self.annotations_file})")
         self.coco = load_coco(self.annotations_file, dataset)
         self.transform = transform
         self.cat_ids = categories(self.coco)[0]
         if not self.cat_ids:
-            raise ValueError(f"{self.annotations_file}: no categories; a detection dataset needs "
-                             "a non-empty 'categories' list")
+            raise DataError(f"{self.annotations_file}: no categories; a detection dataset needs "
+                            "a non-empty 'categories' list")
         self.label_to_cat_id, self.class_names = label_mapping(self.coco, label_map)
         self.cat_id_to_label = {c: label for label, c in self.label_to_cat_id.items()}
         self.image_ids = sorted(self.coco.getImgIds())
@@ -130,8 +131,8 @@ class CocoDetection(Dataset):
                 self.skipped_images += missing
                 self.image_ids = [i for i in self.image_ids if i not in set(missing)]
             if not self.image_ids:
-                raise ValueError(f"{self.annotations_file}: none of the image files exist under "
-                                 f"{self.images_dir}")
+                raise DataError(f"{self.annotations_file}: none of the image files exist under "
+                                f"{self.images_dir}")
         self._dropped: list[int] = []  # ids of degenerate annotations left out
         self._targets = {i: self._load_targets(i) for i in self.image_ids}
 
@@ -147,8 +148,8 @@ class CocoDetection(Dataset):
             if ann.get("iscrowd", 0):
                 continue
             if ann["category_id"] not in self.cat_id_to_label:
-                raise ValueError(f"{self.annotations_file}: annotation {ann['id']} of image {image_id} "
-                                 f"has unknown category_id {ann['category_id']}")
+                raise DataError(f"{self.annotations_file}: annotation {ann['id']} of image {image_id} "
+                                f"has unknown category_id {ann['category_id']}")
             box = clipped_box(ann.get("bbox"), width, height)
             if box is None:
                 self._dropped.append(ann["id"])
@@ -192,8 +193,9 @@ class CocoDetection(Dataset):
         path = self.image_path(image_id)
         image = decode_rgb(path)
         if image is None:
-            raise FileNotFoundError(f"cannot read image {path} (image id {image_id} of "
-                                    f"{self.annotations_file})")
+            raise MissingFileError(f"cannot read image {path} (image id {image_id} of "
+                                   f"{self.annotations_file}): missing, not an image or truncated; "
+                                   "replace the file, or set data.skip_bad_images=true to skip it")
         return image
 
     def __getitem__(self, index: int) -> dict:
@@ -202,16 +204,19 @@ class CocoDetection(Dataset):
             try:
                 image = self.read_image(image_id)
                 break
-            except FileNotFoundError as error:
+            except MissingFileError:
                 if not self.skip_bad_images:
                     raise
                 self.skipped_images.append(image_id)
-                logger.warning("%s; using the next image instead (data.skip_bad_images is true; "
-                               "%d skipped in this process so far)", error, len(self.skipped_images))
+                path = self.image_path(image_id)
+                logger.warning("cannot read image %s (image id %d of %s): using the next image "
+                               "instead (data.skip_bad_images is true; %d skipped in this process "
+                               "so far)", path, image_id, self.annotations_file,
+                               len(self.skipped_images))
                 image_id = self.image_ids[(index + attempt + 1) % len(self.image_ids)]
         else:
-            raise FileNotFoundError(f"{self.annotations_file}: no image under {self.images_dir} "
-                                    "can be read")
+            raise MissingFileError(f"{self.annotations_file}: no image under {self.images_dir} "
+                                   "can be read")
         boxes, labels = self._targets[image_id]
         sample = {"image": image, "boxes": boxes, "labels": labels, "image_id": image_id,
                   "orig_size": (image.shape[0], image.shape[1])}

@@ -11,6 +11,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from ..errors import ConfigError
+
 
 @dataclass
 class Batch:
@@ -141,9 +143,9 @@ def build_train_loader(dataset: Dataset, *, batch_size: int, num_workers: int, s
     `start_position` samples in (a resumed run's samples_seen, over all ranks); a sample at a
     given position is the same image, augmented the same way, in every run."""
     if start_position % (batch_size * world_size):
-        raise ValueError(f"stream position {start_position} is not a whole number of global batches "
-                         f"of {world_size} x {batch_size}: resume with the batch size and number of "
-                         "processes the checkpoint was trained with")
+        raise ConfigError(f"stream position {start_position} is not a whole number of global "
+                          f"batches of {world_size} x {batch_size}: resume with the batch size "
+                          "(train.batch_size) and number of processes the checkpoint was trained with")
     sampler = InfiniteSampler(len(dataset), seed, start=start_position, rank=rank,
                               world_size=world_size, batch_size=batch_size, group_ids=group_ids)
     return DataLoader(StreamSeededDataset(dataset, seed), batch_size=batch_size, sampler=sampler,

@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -41,7 +43,7 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> DistInf
         if local_rank >= torch.cuda.device_count():
             # NCCL needs a GPU of its own per rank; cuda:N past the last GPU would fail in
             # set_device with "invalid device ordinal", which names neither cause nor remedy
-            raise ValueError(
+            raise ConfigError(
                 f"torchrun started local rank {local_rank} on a node with "
                 f"{torch.cuda.device_count()} visible CUDA device(s); CUDA training runs one "
                 "process per GPU: lower --nproc_per_node (NPROC= for make train-ddp) to the "

@@ -15,6 +15,7 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert
 
 from ..data.coco import categories
+from ..errors import ConfigError
 from .distributed import broadcast_from_main, gather_to_main
 from .pr_curves import save_pr_curves
 
@@ -52,8 +53,8 @@ def _cocoeval(coco_gt: COCO, results: list[dict], backend: str):
         from faster_coco_eval import COCO as FasterCOCO
         from faster_coco_eval import COCOeval_faster
     except ImportError:
-        raise ValueError("eval.backend faster_coco_eval needs the faster-coco-eval package: "
-                         "pip install -e .[fast-eval]") from None
+        raise ConfigError("eval.backend faster_coco_eval needs the faster-coco-eval package: "
+                          "pip install -e .[fast-eval], or set eval.backend=pycocotools") from None
     gt = FasterCOCO()
     gt.dataset = coco_gt.dataset
     with contextlib.redirect_stdout(io.StringIO()):

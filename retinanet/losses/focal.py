@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..compiling import CompiledOrNone
+from ..errors import ConfigError
 from .focal_triton import focal_loss_triton, triton_focal_available
 
 
@@ -244,10 +245,10 @@ def _resolve_kernel(kernel: str, logits: Tensor) -> str:
     if kernel == "auto":
         kernel = _auto_kernel(logits)
     if kernel == "triton" and (not triton_focal_available(logits.device) or logits.dtype == torch.float64):
-        raise RuntimeError(f"the triton focal-loss kernel needs a CUDA device, the triton "
-                           f"package and float16/bfloat16/float32 logits (got {logits.device}, "
-                           f"{logits.dtype}); set loss.cls.kernel (or kernel=) to auto, eager "
-                           "or compile here")
+        raise ConfigError(f"the triton focal-loss kernel needs a CUDA device, the triton "
+                          f"package and float16/bfloat16/float32 logits (got {logits.device}, "
+                          f"{logits.dtype}); set loss.cls.kernel (or kernel=) to auto, eager "
+                          "or compile here")
     return kernel
 
 

@@ -9,6 +9,8 @@ from torch import Tensor, nn
 from torchvision.models import resnet
 from torchvision.ops import FrozenBatchNorm2d
 
+from ..errors import CheckpointError, MissingFileError
+
 _RESNETS = {18: resnet.resnet18, 34: resnet.resnet34, 50: resnet.resnet50, 101: resnet.resnet101}
 
 
@@ -66,8 +68,8 @@ class ResNetBackbone(nn.Module):
         """
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"backbone weights not found: {path} (model.backbone.weights "
-                                    "takes a local torchvision ResNet checkpoint; nothing is downloaded)")
+            raise MissingFileError(f"backbone weights not found: {path} (model.backbone.weights "
+                                   "takes a local torchvision ResNet checkpoint; nothing is downloaded)")
         state = torch.load(path, map_location="cpu", weights_only=True)
         for key in ("state_dict", "model"):
             if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -84,13 +86,13 @@ class ResNetBackbone(nn.Module):
         missing = sorted(k for k in own if k not in renamed and not k.endswith("num_batches_tracked"))
         unexpected = sorted(k for k in renamed if k not in own and not k.endswith("num_batches_tracked"))
         if missing or unexpected:
-            raise ValueError(f"{path}: not a torchvision ResNet-{self._depth_name()} state dict: "
-                             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+            raise CheckpointError(f"{path}: not a torchvision ResNet-{self._depth_name()} state dict: "
+                                  f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                                  f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
         for key, value in renamed.items():
             if key in own and own[key].shape != value.shape:
-                raise ValueError(f"{path}: shape of {key} is {tuple(value.shape)}, "
-                                 f"expected {tuple(own[key].shape)}")
+                raise CheckpointError(f"{path}: shape of {key} is {tuple(value.shape)}, "
+                                      f"expected {tuple(own[key].shape)}")
         self.load_state_dict(renamed, strict=False)
 
     def _depth_name(self) -> str:

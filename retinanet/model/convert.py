@@ -21,13 +21,15 @@ from typing import Mapping
 
 from torch import Tensor
 
+from ..errors import CheckpointError
+
 ARCHS = ("v1", "v2")
 
 _HEADS = {"classification_head": ("cls_subnet", "cls_logits", "cls_score"),
           "regression_head": ("box_subnet", "bbox_reg", "box_pred")}
 
 
-class ConversionError(ValueError):
+class ConversionError(CheckpointError):
     """The state dict is not a torchvision RetinaNet of the requested architecture."""
 
 

@@ -339,3 +339,16 @@ def compare_outputs(expected: Tuple[Tensor, ...], actual: Tuple[Tensor, ...], *,
             "labels": int((labels != labels_b).sum()),
             "num_detections": int((counts != counts_b).sum()),
             "unmatched": int(unmatched)}
+
+
+def mismatch(diff: dict[str, float]) -> str:
+    """What makes a `compare_outputs` result a failed check, on one line ("" when it passes):
+    images whose detection counts differ, or detections without a counterpart on the other side.
+    Rows that differ in order only (labels or boxes row by row) pass: score ties may swap them."""
+    problems = []
+    if diff["num_detections"]:
+        problems.append(f"num_detections differ for {diff['num_detections']} image(s)")
+    if diff["unmatched"]:
+        problems.append(f"{diff['unmatched']} detection(s) have no counterpart of the same label "
+                        "with box and score within tolerance")
+    return "; ".join(problems)

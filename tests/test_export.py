@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from retinanet.export import (OUTPUT_NAMES, InferenceModel, ShapeAnchors, check_onnx_opset,
-                              compare_outputs, export_onnx, export_torchscript, run_onnx)
+                              compare_outputs, export_onnx, export_torchscript, mismatch, run_onnx)
 from retinanet.losses import build_box_coder, score_activation
 from retinanet.model import AnchorGenerator, build_model
 from retinanet.postprocess import build_postprocessor
@@ -237,3 +237,65 @@ def test_tool_errors_are_one_line(shapes_dir, tmp_path, weights, case):
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr, result.stderr
     assert not (tmp_path / "model.onnx").exists()
+
+
+def _outputs():
+    """(boxes, scores, labels, num_detections) of 2 images, D = 4: 3 and 2 detections; the first
+    two of image 0 tie in score with different labels."""
+    boxes = torch.tensor([[[0.0, 0, 10, 10], [20, 20, 40, 40], [5, 5, 15, 25], [0, 0, 0, 0]],
+                          [[1.0, 2, 30, 30], [50, 50, 60, 70], [0, 0, 0, 0], [0, 0, 0, 0]]])
+    scores = torch.tensor([[0.9, 0.9, 0.5, 0.0], [0.8, 0.3, 0.0, 0.0]])
+    labels = torch.tensor([[1, 2, 0, -1], [3, 3, -1, -1]])
+    return boxes, scores, labels, torch.tensor([3, 2])
+
+
+def test_check_passes_swapped_ties_and_fails_on_missing_or_moved_detections():
+    expected = _outputs()
+    assert mismatch(compare_outputs(expected, _outputs())) == ""
+    boxes, scores, labels, counts = _outputs()  # score tie: rows 0 and 1 of image 0 swapped
+    boxes[0, [0, 1]], labels[0, [0, 1]] = boxes[0, [1, 0]], labels[0, [1, 0]]
+    diff = compare_outputs(expected, (boxes, scores, labels, counts))
+    assert diff["labels"] == 2 and diff["unmatched"] == 0 and mismatch(diff) == ""
+    boxes, scores, labels, counts = _outputs()  # image 1's second detection dropped
+    boxes[1, 1], scores[1, 1], labels[1, 1], counts[1] = 0.0, 0.0, -1, 1
+    diff = compare_outputs(expected, (boxes, scores, labels, counts))
+    assert diff["unmatched"] == 1 and diff["num_detections"] == 1
+    assert mismatch(diff) == ("num_detections differ for 1 image(s); 1 detection(s) have no "
+                              "counterpart of the same label with box and score within tolerance")
+    boxes, scores, labels, counts = _outputs()  # same counts, one box moved by a pixel
+    boxes[0, 2, 0] += 1.0
+    diff = compare_outputs(expected, (boxes, scores, labels, counts))
+    assert diff["num_detections"] == 0 and diff["unmatched"] == 2  # one on each side
+    assert mismatch(diff).startswith("2 detection(s) have no counterpart")
+    boxes, scores, labels, counts = _outputs()  # another label for a detection
+    labels[1, 0] = 2
+    assert mismatch(compare_outputs(expected, (boxes, scores, labels, counts))).startswith("2 detection(s)")
+
+
+def test_tool_exits_1_when_the_file_loses_a_detection(shapes_dir, tmp_path, weights, monkeypatch, capsys):
+    """tools/export.py in-process, with an "exported" model that drops one detection of eager's."""
+    from retinanet import export
+
+    spec = importlib.util.spec_from_file_location("export_tool", REPO_ROOT / "tools" / "export.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+
+    def lossy_export(model, example, path):
+        def run(x):
+            boxes, scores, labels, counts = (t.clone() for t in model(x))
+            image = int(torch.nonzero(counts)[0])  # an image with a detection: drop its last
+            last = int(counts[image]) - 1
+            boxes[image, last], scores[image, last], labels[image, last] = 0.0, 0.0, -1
+            counts[image] -= 1
+            return boxes, scores, labels, counts
+        return run
+
+    monkeypatch.setattr(export, "export_torchscript", lossy_export)
+    overrides = tiny_overrides(shapes_dir, tmp_path / "run") + ["model.postprocess.score_thresh=0.02"]
+    monkeypatch.setattr(sys, "argv", ["export.py", "--config", str(REPO_ROOT / "configs" / "shapes_R18.yaml"),
+                                      "--weights", str(weights), "--format", "torchscript",
+                                      "--output", str(tmp_path / "model.pt"), *overrides])
+    assert tool.main() == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'model.pt'} does not reproduce eager")
+    assert "num_detections differ for 1 image(s); 1 detection(s) have no counterpart" in err[0]

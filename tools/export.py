@@ -9,7 +9,8 @@ config's data.size_divisibility, and returns boxes (B, D, 4) xyxy in the input's
 num_detections: zeros, label -1). Resizing, normalisation, padding and rescaling boxes to the
 original image size stay with the caller. Batch, height and width are dynamic in both formats;
 --height/--width (default: the config's test sizes, padded) only set the example traced with.
-The file is checked against eager PyTorch on that example (ONNX with onnxruntime, if installed).
+The file is checked against eager PyTorch on that example (ONNX with onnxruntime, if installed):
+exit code 1 when a detection has no counterpart or the detection counts differ.
 ONNX needs `pip install -e .[export]`.
 """
 from __future__ import annotations
@@ -90,6 +91,11 @@ def main() -> int:
           f"{diff['boxes']:.2e} px, scores {diff['scores']:.2e}; rows with another label "
           f"{diff['labels']}, num_detections differ {diff['num_detections']}; detections without "
           f"a counterpart in any order {diff['unmatched']}")
+    problem = export.mismatch(diff)
+    if problem:
+        print(f"error: {output} does not reproduce eager PyTorch on the example: {problem} "
+              "(the file is kept for inspection)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -48,11 +48,32 @@ def test_headline_ap_at_other_max_dets(val_set, max_dets):
     assert f"maxDets={max_dets:>3} ] = 1.000" in result["summary"].splitlines()[0]
 
 
-def test_zero_detections_is_ap_zero_not_a_crash(val_set, tmp_path):
+# pycocotools' area ranges of the size buckets, and the metrics that read each
+AREA_RANGES = {"all": (0, 1e10), "small": (0, 32 ** 2), "medium": (32 ** 2, 96 ** 2),
+               "large": (96 ** 2, 1e10)}
+BUCKET_METRICS = {"all": ("AP", "AP50", "AP75", "AR1", "AR10", "AR100"), "small": ("APs", "ARs"),
+                  "medium": ("APm", "ARm"), "large": ("APl", "ARl")}
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_zero_detections_score_zero_where_there_is_ground_truth_and_minus_one_elsewhere(
+        val_set, tmp_path, backend):
+    if backend == "faster_coco_eval":
+        pytest.importorskip("faster_coco_eval")
+    areas = [a["area"] for a in val_set.coco.dataset["annotations"] if not a.get("iscrowd", 0)]
+    has_gt = {bucket: any(lo <= area <= hi for area in areas) for bucket, (lo, hi) in AREA_RANGES.items()}
+    assert not has_gt["large"] and has_gt["small"]  # shapes at 128 px: no object is large
     empty = {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.long)}
-    result = Evaluator(val_set, [FakeBatch(val_set.image_ids)], output_dir=tmp_path)(
-        lambda batch: [empty for _ in batch.image_ids], log=lambda s: None)
-    assert all(v == 0.0 for v in result["metrics"].values())
+    logs = []
+    result = Evaluator(val_set, [FakeBatch(val_set.image_ids)], output_dir=tmp_path, backend=backend)(
+        lambda batch: [empty for _ in batch.image_ids], log=logs.append)
+    expected = {name: 0.0 if has_gt[bucket] else -1.0
+                for bucket, names in BUCKET_METRICS.items() for name in names}
+    assert result["metrics"] == expected
+    assert all(ap == 0.0 for ap in result["per_class"].values())  # every class has ground truth
+    assert "APl n/a" in logs[-1] and "APs 0.00" in logs[-1]
+    assert json.loads((tmp_path / "metrics.json").read_text())["metrics"]["APl"] == -1.0
+    assert json.loads((tmp_path / "coco_results.json").read_text()) == []
 
 
 def test_results_use_xywh_and_original_category_ids():

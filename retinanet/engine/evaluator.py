@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -46,7 +47,7 @@ def _cocoeval(coco_gt: COCO, results: list[dict], backend: str):
     drop-in reimplementation; it needs its own COCO object, built from the same dataset dict."""
     if backend == "pycocotools":
         with contextlib.redirect_stdout(io.StringIO()):
-            return COCOeval(coco_gt, coco_gt.loadRes(results), iouType="bbox")
+            return COCOeval(coco_gt, _load_results(coco_gt, results), iouType="bbox")
     if backend != "faster_coco_eval":
         raise ValueError(f"eval.backend must be one of {BACKENDS}, got {backend!r}")
     try:
@@ -62,6 +63,19 @@ def _cocoeval(coco_gt: COCO, results: list[dict], backend: str):
         return COCOeval_faster(gt, gt.loadRes(results), iouType="bbox", print_function=lambda *a: None)
 
 
+def _load_results(coco_gt: COCO, results: list[dict]) -> COCO:
+    """pycocotools' loadRes, which fails on an empty list (it reads results[0]); no results are
+    a COCO of the ground truth's images and categories without annotations, as faster-coco-eval's
+    loadRes makes, so that COCOeval scores them like any other result."""
+    if results:
+        return coco_gt.loadRes(results)
+    empty = COCO()
+    empty.dataset = {"images": list(coco_gt.dataset["images"]), "annotations": [],
+                     "categories": copy.deepcopy(coco_gt.dataset.get("categories", []))}
+    empty.createIndex()
+    return empty
+
+
 def coco_evaluate(coco_gt: COCO, results: list[dict], *, max_dets: int = 100,
                   image_ids: Optional[Sequence[int]] = None, backend: str = "pycocotools") -> dict:
     """Scores `results` against `coco_gt` with `backend` (pycocotools or faster_coco_eval, which
@@ -70,13 +84,9 @@ def coco_evaluate(coco_gt: COCO, results: list[dict], *, max_dets: int = 100,
     -1 where undefined, "class_names": K names}.
 
     maxDets for AP is `max_dets` (AR is reported at 1, 10 and max_dets). Zero detections are a valid
-    result: every metric is 0 (pycocotools' loadRes cannot take an empty list).
+    result, scored like any other: 0 where there is ground truth, -1 for a size bucket without any.
     """
     class_names = dict(zip(*categories(coco_gt)))
-    if not results:
-        return {"metrics": {name: 0.0 for name in METRIC_NAMES},
-                "per_class": {name: 0.0 for name in class_names.values()}, "summary": "",
-                "precision": None, "class_names": list(class_names.values())}
     evaluator = _cocoeval(coco_gt, results, backend)
     evaluator.params.maxDets = [1, 10, max_dets]
     if image_ids is not None:
@@ -124,7 +134,7 @@ def _summary_text(metrics: dict, max_dets: int) -> str:
 def format_report(result: dict, max_dets: int) -> str:
     """The 12-number summary and a per-class AP table, as printed after evaluation."""
     lines = [f"COCO bbox evaluation (maxDets={max_dets})",
-             result["summary"].rstrip() or "  no detections: every metric is 0",
+             result["summary"].rstrip(),
              "", f"{'category':<20} {'AP':>6}"]
     lines += [f"{name:<20} {100 * ap:6.2f}" for name, ap in result["per_class"].items()]
     m = result["metrics"]
@@ -181,7 +191,7 @@ class Evaluator:
                 "is no category of the dataset (\"N/A\" outputs) and are not scored")
         result = coco_evaluate(self.dataset.coco, results, max_dets=self.max_dets,
                                image_ids=self.dataset.image_ids, backend=self.backend)
-        if self.output_dir and self.pr_curves and result["precision"] is not None:
+        if self.output_dir and self.pr_curves:
             save_pr_curves(result["precision"], result["class_names"], self.output_dir)
         if self.output_dir:
             self.output_dir.mkdir(parents=True, exist_ok=True)

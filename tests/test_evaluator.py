@@ -1,10 +1,15 @@
 import json
+import shutil
 
 import pytest
 import torch
 
-from retinanet.data import CocoDetection
+from retinanet.config import load_config
+from retinanet.data import CocoDetection, build_dataset, build_test_loader
 from retinanet.engine.evaluator import Evaluator, coco_evaluate, to_coco_results
+from retinanet.errors import MissingFileError
+
+from conftest import REPO_ROOT, tiny_overrides
 
 
 class FakeBatch:
@@ -91,3 +96,53 @@ def test_shifted_boxes_lower_ap(val_set):
         results += to_coco_results(image_id, det, val_set.label_to_cat_id)
     metrics = coco_evaluate(val_set.coco, results)["metrics"]
     assert 0 < metrics["AP"] < 0.9
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])  # 1: a batch of the unreadable image alone
+def test_unreadable_val_image_with_skip_bad_images_is_left_out_once(shapes_dir, tmp_path, batch_size):
+    images = tmp_path / "val"
+    shutil.copytree(shapes_dir / "val", images)
+    annotations = tmp_path / "instances_val.json"
+    shutil.copy(shapes_dir / "annotations" / "instances_val.json", annotations)
+    config = load_config(REPO_ROOT / "configs" / "shapes_R18.yaml",
+                         tiny_overrides(shapes_dir, tmp_path / "run")
+                         + [f"data.val.images={images}", f"data.val.annotations={annotations}",
+                            "data.skip_bad_images=true"])
+    dataset = build_dataset(config.data, train=False)
+    bad_id = dataset.image_ids[1]  # not the last: a replacement would duplicate the next image
+    bad_file = dataset.image_path(bad_id)
+    bad_file.write_bytes(b"not an image")
+    assert len(dataset.targets(bad_id)[0]) > 0  # its boxes would count as missed if it were scored
+    loader = build_test_loader(dataset, batch_size=batch_size, num_workers=0,
+                               size_divisibility=config.data.size_divisibility)
+    seen = []
+
+    def predict(batch):  # perfect detections, in original pixels
+        seen.extend(batch.image_ids)
+        assert batch.images.shape[0] == len(batch.image_ids) > 0
+        return [gt_detections(dataset, i) for i in batch.image_ids]
+
+    logs = []
+    result = Evaluator(dataset, loader, output_dir=tmp_path / "eval")(predict, log=logs.append)
+    good = [i for i in dataset.image_ids if i != bad_id]
+    assert sorted(seen) == good  # each readable image once, the unreadable one not at all
+    assert sorted(result["predictions"]) == good
+    # scored over the readable images only: the unreadable one's boxes are not counted as missed
+    assert result["metrics"]["AP"] == pytest.approx(1.0) and result["metrics"]["AR100"] == pytest.approx(1.0)
+    written = json.loads((tmp_path / "eval" / "coco_results.json").read_text())
+    assert {r["image_id"] for r in written} == set(good)
+    assert len(written) == sum(len(dataset.targets(i)[0]) for i in good)
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert metrics["skipped_images"] == [str(bad_file)]
+    assert any(f"left out of the evaluation 1 unreadable image(s) of {len(dataset)}" in line
+               and f"{bad_file} (id {bad_id})" in line for line in logs)
+
+
+def test_unreadable_val_image_without_skip_bad_images_is_an_error_naming_it(shapes_dir, tmp_path):
+    images = tmp_path / "val"
+    shutil.copytree(shapes_dir / "val", images)
+    dataset = CocoDetection(images, shapes_dir / "annotations" / "instances_val.json")
+    bad_file = dataset.image_path(dataset.image_ids[0])
+    bad_file.write_bytes(b"not an image")
+    with pytest.raises(MissingFileError, match=rf"cannot read image .*{bad_file.name}.*data\.skip_bad_images=true"):
+        dataset[0]

@@ -18,7 +18,9 @@ HANDLED_WHEN_LOADING = {"zero_size_box", "non_finite_box"}
 def build_dataset(data_cfg, *, train: bool, check: bool = False, log=None) -> CocoDetection:
     """The train or val split of the config. `check` runs `check_coco_dataset` (files checked to
     exist, not decoded) first: problems loading copes with are logged through `log`; the others
-    (and missing files unless data.skip_bad_images) are a DataError listing them, on one line."""
+    (and missing files unless data.skip_bad_images) are a DataError listing them, on one line.
+    With data.skip_bad_images an unreadable image is replaced by the next one in training and left
+    out (reported, not scored) in evaluation (see CocoDetection)."""
     split = data_cfg.train if train else data_cfg.val
     key = "data.train" if train else "data.val"
     if not split.images or not split.annotations:
@@ -39,4 +41,4 @@ def build_dataset(data_cfg, *, train: bool, check: bool = False, log=None) -> Co
             (log or print)(f"{key}: {issue}")
     return CocoDetection(split.images, split.annotations, transform=build_transform(data_cfg, train=train),
                          label_map=data_cfg.label_map, skip_bad_images=data_cfg.skip_bad_images,
-                         dataset=dataset)
+                         dataset=dataset, replace_bad_images=train)

@@ -99,13 +99,17 @@ class CocoDetection(Dataset):
     Annotations whose box is not 4 finite numbers or has (after clipping to the image) a side
     under MIN_BOX_SIDE pixels are dropped at load with one counted warning (they cannot be
     matched and crash augmentation); other boxes are clipped to the image. An image file that
-    cannot be read is an error naming it, or with `skip_bad_images` a counted warning: missing
-    files are left out at load, unreadable ones replaced by the next image when met.
+    cannot be read is an error naming it, or with `skip_bad_images` a warning naming it: missing
+    files are left out at load; an unreadable one met later is replaced by the next image
+    (`replace_bad_images`, training: batches keep their size) or, for evaluation, returned as a
+    stub dict(image_id, unreadable=path) that `Collate` leaves out of the batch and records in
+    `Batch.skipped`, so that every image is scored at most once and the unreadable ones not at all.
     """
 
     def __init__(self, images_dir: str | Path, annotations: str | Path,
                  transform: Optional[Callable[[dict], dict]] = None, label_map: str = "contiguous",
-                 skip_bad_images: bool = False, dataset: Optional[dict] = None):
+                 skip_bad_images: bool = False, dataset: Optional[dict] = None,
+                 replace_bad_images: bool = True):
         self.images_dir = Path(images_dir)
         self.annotations_file = Path(annotations)
         if not self.images_dir.is_dir():
@@ -121,13 +125,14 @@ class CocoDetection(Dataset):
         self.cat_id_to_label = {c: label for label, c in self.label_to_cat_id.items()}
         self.image_ids = sorted(self.coco.getImgIds())
         self.skip_bad_images = skip_bad_images
+        self.replace_bad_images = replace_bad_images
         self.skipped_images: list[int] = []  # ids of images left out or replaced (this process)
         if skip_bad_images:
             missing = [i for i in self.image_ids if not self.image_path(i).is_file()]
             if missing:
-                logger.warning("%s: leaving out %d image(s) whose file is missing (first ids: %s; "
-                               "data.skip_bad_images is true)", self.annotations_file, len(missing),
-                               missing[:5])
+                logger.warning("%s: leaving out %d image(s) whose file is missing (first ids: %s, "
+                               "files: %s; data.skip_bad_images is true)", self.annotations_file,
+                               len(missing), missing[:5], [str(self.image_path(i)) for i in missing[:5]])
                 self.skipped_images += missing
                 self.image_ids = [i for i in self.image_ids if i not in set(missing)]
             if not self.image_ids:
@@ -209,6 +214,11 @@ class CocoDetection(Dataset):
                     raise
                 self.skipped_images.append(image_id)
                 path = self.image_path(image_id)
+                if not self.replace_bad_images:
+                    logger.warning("cannot read image %s (image id %d of %s): left out of the "
+                                   "evaluation (data.skip_bad_images is true)", path, image_id,
+                                   self.annotations_file)
+                    return {"image_id": image_id, "unreadable": str(path)}
                 logger.warning("cannot read image %s (image id %d of %s): using the next image "
                                "instead (data.skip_bad_images is true; %d skipped in this process "
                                "so far)", path, image_id, self.annotations_file,

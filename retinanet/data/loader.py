@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -22,12 +22,15 @@ class Batch:
     image_ids: list[int]
     image_sizes: list[tuple[int, int]]  # (h, w) after resizing, before padding
     orig_sizes: list[tuple[int, int]]  # (h, w) of the file
+    # (image id, file) of unreadable images left out of this batch (evaluation with
+    # data.skip_bad_images: see CocoDetection); the batch may then hold no image at all
+    skipped: list[tuple[int, str]] = field(default_factory=list)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         return Batch(self.images.to(device, non_blocking=non_blocking),
                      [b.to(device, non_blocking=non_blocking) for b in self.boxes],
                      [lab.to(device, non_blocking=non_blocking) for lab in self.labels],
-                     self.image_ids, self.image_sizes, self.orig_sizes)
+                     self.image_ids, self.image_sizes, self.orig_sizes, self.skipped)
 
 
 def pad_images(images: Sequence[Tensor], size_divisibility: int = 128) -> Tensor:
@@ -47,17 +50,23 @@ def pad_images(images: Sequence[Tensor], size_divisibility: int = 128) -> Tensor
 
 
 class Collate:
-    """Picklable collate_fn for DataLoader workers: samples of `DetectionTransform` -> Batch."""
+    """Picklable collate_fn for DataLoader workers: samples of `DetectionTransform` -> Batch.
+    Stubs of unreadable images (dict(image_id, unreadable=path)) go to Batch.skipped."""
 
     def __init__(self, size_divisibility: int = 128):
         self.size_divisibility = size_divisibility
 
     def __call__(self, samples: Sequence[dict]) -> Batch:
-        return Batch(images=pad_images([s["image"] for s in samples], self.size_divisibility),
+        skipped = [(int(s["image_id"]), s["unreadable"]) for s in samples if "unreadable" in s]
+        samples = [s for s in samples if "unreadable" not in s]
+        side = max(self.size_divisibility, 1)
+        images = (pad_images([s["image"] for s in samples], self.size_divisibility) if samples
+                  else torch.zeros(0, 3, side, side))
+        return Batch(images=images,
                      boxes=[s["boxes"] for s in samples], labels=[s["labels"] for s in samples],
                      image_ids=[int(s["image_id"]) for s in samples],
                      image_sizes=[tuple(s["image_size"]) for s in samples],
-                     orig_sizes=[tuple(s["orig_size"]) for s in samples])
+                     orig_sizes=[tuple(s["orig_size"]) for s in samples], skipped=skipped)
 
 
 class InfiniteSampler(Sampler[tuple[int, int]]):

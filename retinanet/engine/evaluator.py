@@ -16,7 +16,7 @@ from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert
 
 from ..data.coco import categories
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from .distributed import broadcast_from_main, gather_to_main
 from .pr_curves import save_pr_curves
 
@@ -150,7 +150,10 @@ class Evaluator:
 
     Distributed: each rank runs its shard of the images (build_test_loader's rank / world_size),
     rank 0 gathers every rank's results, scores them once with pycocotools, writes and prints;
-    all ranks return the scores, and rank 0 alone the predictions."""
+    all ranks return the scores, and rank 0 alone the predictions.
+
+    Images a batch lists in `skipped` (unreadable, with data.skip_bad_images) are left out of the
+    scores and named in the log and in metrics.json; every other image must be predicted once."""
 
     def __init__(self, dataset, loader: Iterable, *, output_dir: str | Path | None = None,
                  max_dets: int = 100, backend: str = "pycocotools", pr_curves: bool = True,
@@ -164,17 +167,23 @@ class Evaluator:
     def __call__(self, predict: Callable, *, log: Callable[[str], None] = print) -> dict:
         results: list[dict] = []
         predictions: dict[int, dict] = {}
+        predicted: list[int] = []  # image ids in loader order: each must come once
+        skipped: list[tuple[int, str]] = []  # (image id, file) of unreadable images
         num_detections = 0
         batches = self.loader
         if self.progress:
             from tqdm import tqdm
             batches = tqdm(self.loader, desc="evaluating", unit="batch", leave=False, dynamic_ncols=True)
         for batch in batches:
+            skipped += getattr(batch, "skipped", [])  # a plain loader's batches have no such field
+            if not batch.image_ids:  # every image of this batch was unreadable
+                continue
             for image_id, detections in zip(batch.image_ids, predict(batch)):
                 results += to_coco_results(image_id, detections, self.dataset.label_to_cat_id)
                 num_detections += len(detections["labels"])
                 predictions[image_id] = {k: v.cpu() for k, v in detections.items()}
-        gathered = gather_to_main((results, predictions, num_detections))
+                predicted.append(image_id)
+        gathered = gather_to_main((results, predictions, num_detections, predicted, skipped))
         if gathered is None:  # not rank 0: wait for its scores
             return broadcast_from_main(None)
         # Dataset order, whatever the sharding: COCOeval breaks score ties by input order, so this
@@ -183,14 +192,27 @@ class Evaluator:
         results = sorted((r for part in gathered for r in part[0]), key=lambda r: order[r["image_id"]])
         predictions = {k: v for part in gathered for k, v in part[1].items()}
         num_detections = sum(part[2] for part in gathered)
-        if len(predictions) != len(self.dataset.image_ids):
-            raise RuntimeError(f"evaluation predicted {len(predictions)} images of "
-                               f"{len(self.dataset.image_ids)}: the loader must cover the dataset")
+        predicted = [image_id for part in gathered for image_id in part[3]]
+        skipped = sorted(s for part in gathered for s in part[4])
+        skipped_ids = {image_id for image_id, _ in skipped}
+        if sorted(predicted + [image_id for image_id, _ in skipped]) != sorted(self.dataset.image_ids):
+            raise RuntimeError(f"evaluation predicted {len(predicted)} images ({len(predictions)} "
+                               f"distinct) and skipped {len(skipped)} of {len(self.dataset.image_ids)}: "
+                               "the loader must cover the dataset, each image once")
+        image_ids = [i for i in self.dataset.image_ids if i not in skipped_ids]
+        if skipped:
+            log(f"left out of the evaluation {len(skipped)} unreadable image(s) of "
+                f"{len(self.dataset.image_ids)} (data.skip_bad_images is true): "
+                + ", ".join(f"{file} (id {image_id})" for image_id, file in skipped[:10])
+                + (", ..." if len(skipped) > 10 else ""))
+        if not image_ids:
+            raise DataError(f"none of the {len(skipped)} evaluation images can be read (first: "
+                            f"{skipped[0][1]}); check the files of data.val.images")
         if num_detections > len(results):
             log(f"{num_detections - len(results)} of {num_detections} detections have a label that "
                 "is no category of the dataset (\"N/A\" outputs) and are not scored")
         result = coco_evaluate(self.dataset.coco, results, max_dets=self.max_dets,
-                               image_ids=self.dataset.image_ids, backend=self.backend)
+                               image_ids=image_ids, backend=self.backend)
         if self.output_dir and self.pr_curves:
             save_pr_curves(result["precision"], result["class_names"], self.output_dir)
         if self.output_dir:
@@ -199,7 +221,7 @@ class Evaluator:
             (self.output_dir / "metrics.json").write_text(json.dumps(
                 {"metrics": result["metrics"], "per_class": result["per_class"],
                  "max_dets": self.max_dets, "num_detections": len(results),
-                 "backend": self.backend}, indent=2))
+                 "backend": self.backend, "skipped_images": [file for _, file in skipped]}, indent=2))
         log(format_report(result, self.max_dets))
         broadcast_from_main(result)
         result["predictions"] = predictions

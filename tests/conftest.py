@@ -33,6 +33,13 @@ def tiny_overrides(shapes_dir: Path, output_dir: Path) -> list[str]:
             "model.fpn.channels=32", "model.head.num_convs=1", "model.head.gn_groups=8"]
 
 
+@pytest.fixture(params=[True, False], ids=["channels_last", "contiguous"])
+def channels_last(request) -> bool:
+    """Both memory layouts the trainer can take (model.channels_last), for the tests whose
+    arithmetic depends on it: exact resume, DDP equivalence, training end to end."""
+    return request.param
+
+
 @pytest.fixture
 def tiny_config(shapes_dir, tmp_path):
     return load_config(REPO_ROOT / "configs" / "shapes_R18.yaml",

@@ -225,21 +225,24 @@ def _run(cmd, env=None, kill_after_line: str | None = None) -> subprocess.Comple
     return proc.returncode
 
 
-def test_sigkill_anywhere_then_resume_is_bit_identical(shapes_dir, tmp_path):
-    reference = _run(_train_cmd(shapes_dir, tmp_path / "ref"))
+def test_sigkill_anywhere_then_resume_is_bit_identical(shapes_dir, tmp_path, channels_last):
+    """Resumed and uninterrupted runs perform the same operations on the same machine: exact,
+    in both memory layouts."""
+    layout = f"model.channels_last={channels_last}"
+    reference = _run(_train_cmd(shapes_dir, tmp_path / "ref", layout))
     assert reference.returncode == 0, reference.stderr[-3000:]
     out = tmp_path / "killed"
     # 1. killed between checkpoints (the last one is at iteration 2)
-    assert _run(_train_cmd(shapes_dir, out), kill_after_line="iter      3/8") == -signal.SIGKILL
+    assert _run(_train_cmd(shapes_dir, out, layout), kill_after_line="iter      3/8") == -signal.SIGKILL
     assert (out / "model_0000002.pth").is_file() and not (out / "model_0000004.pth").exists()
     # 2. resumed, then killed while writing checkpoint 6: its temp file is written, not renamed
-    cmd = _train_cmd(shapes_dir, out, "--resume", "auto")
+    cmd = _train_cmd(shapes_dir, out, layout, "--resume", "auto")
     killed = _run([cmd[0], str(REPO_ROOT / "tests" / "kill_in_save.py"), "model_0000006.pth", *cmd[1:]],
                   kill_after_line="never printed")
     assert killed == -signal.SIGKILL
     assert not (out / "model_0000006.pth").exists() and list(out.glob(".model_0000006.pth.*.tmp"))
     # 3. resumed from checkpoint 4, to the end
-    finished = _run(_train_cmd(shapes_dir, out, "--resume", "auto"))
+    finished = _run(_train_cmd(shapes_dir, out, layout, "--resume", "auto"))
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "resumed from" in finished.stdout and "model_0000004.pth" in finished.stdout
     assert "left by an interrupted checkpoint write" in finished.stdout

@@ -42,8 +42,9 @@ def test_lr_schedule_warmup_multistep_and_cosine(tiny_config):
     assert lr_factor(cfg, 100) == pytest.approx(0.0, abs=1e-9)
 
 
-def test_resume_continues_where_it_stopped(tiny_config):
+def test_resume_continues_where_it_stopped(tiny_config, channels_last):
     cfg = tiny_config
+    cfg.model.channels_last = channels_last
     cfg.train.checkpoint_period, cfg.eval.num_vis_images = 2, 0
     cfg.data.val.annotations = ""  # no evaluation needed here
     Trainer(cfg, log=lambda s: None).train()

@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py                      # all cases, on CUDA if present, else CPU
     python scripts/benchmark.py --cases focal post   # some of them
+    python scripts/benchmark.py --cases step@scratch --rounds 1   # one row
     python scripts/benchmark.py --json runs/benchmark.json --repeats 7
 
 Cases (float32 on both sides):
@@ -15,7 +16,16 @@ Cases (float32 on both sides):
   match   matching + loss for 8 images with 50 boxes each (torchvision: RetinaNet.compute_loss);
           match@eager with loss.cls.kernel=eager
   post    postprocessing of 2 images at score threshold 0.0 and 0.05
-  step    one training step of R50-FPN at 512 x 512, batch 2 (forward, loss, backward, SGD)
+  step    one training step of R50-FPN at 512 x 512, batch 2 (forward, loss, backward, SGD),
+          both sides set up as their COCO recipes train from ImageNet weights: FrozenBatchNorm,
+          stem and res2 / layer1 frozen (ours: configs/retinanet_R50_FPN_1x_coco.yaml, which
+          also folds FrozenBN into the convolutions and takes P6 from C5; torchvision:
+          FrozenBatchNorm2d with trainable_backbone_layers=3, which retinanet_resnet50_fpn
+          only picks when given backbone weights, so it is assembled here); weights random.
+          step@scratch: trainable BatchNorm, every stage trainable, on both sides (torchvision's
+          retinanet_resnet50_fpn without weights; ours with model.backbone.norm=bn,
+          model.backbone.freeze_at=0). Each step row requires both sides to train the same
+          number of backbone parameters and prints it
   infer   inference of the same model, batch 2, postprocessing included; infer@compile with
           model.compile_inference=true (torch.compile, weights frozen; compiled in the warm-up);
           infer@winograd adds model.winograd=true (CPU: 3x3 convolutions by Winograd F(2x2, 3x3))
@@ -47,6 +57,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 CASES = ("focal", "match", "post", "step", "infer")
+ROWS = {"focal": ["focal", "focal@eager"], "match": ["match", "match@eager"],
+        "post": ["post@0.0", "post@0.05"], "step": ["step", "step@scratch", "step@amp"],
+        "infer": ["infer", "infer@compile", "infer@winograd", "infer@amp"]}
 NUM_ANCHORS = 76725  # RetinaNet's anchors for an 800 x 1216 input (torchvision's stride rule)
 
 
@@ -148,24 +161,51 @@ def _targets(device, num_images: int, num_boxes: int, size: int = 512):
     return out
 
 
-def _tv_model(device):
+def _tv_model(device, recipe: bool = False):
+    """torchvision's RetinaNet R50-FPN v1, 91 classes, at 512 x 512, random weights.
+
+    recipe=False: as retinanet_resnet50_fpn builds it without weights (trainable BatchNorm2d,
+    all five backbone stages trainable). recipe=True: as its COCO recipe trains it
+    (weights_backbone=ImageNet): FrozenBatchNorm2d and trainable_backbone_layers=3 (stem and
+    layer1 frozen). retinanet_resnet50_fpn chooses both from whether weights_backbone is set
+    (None here: nothing is downloaded) and takes no norm_layer, so that model is assembled
+    here as it assembles it."""
     import torch
-    from torchvision.models.detection import retinanet_resnet50_fpn
+    from torchvision.models import resnet50
+    from torchvision.models.detection import RetinaNet, retinanet_resnet50_fpn
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.ops import FrozenBatchNorm2d
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
     torch.manual_seed(0)
-    return retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91,
-                                  min_size=512, max_size=512).to(device)
+    if not recipe:
+        model = retinanet_resnet50_fpn(weights=None, weights_backbone=None, num_classes=91,
+                                       min_size=512, max_size=512)
+    else:
+        backbone = _resnet_fpn_extractor(resnet50(norm_layer=FrozenBatchNorm2d), 3,
+                                         returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
+        model = RetinaNet(backbone, 91, min_size=512, max_size=512)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    return model.to(device)
 
 
-def _our_model(device, num_classes: int = 91):
+def _our_model(device, num_classes: int = 91, scratch: bool = False):
+    """Ours, R50-FPN 1x COCO config at 512 x 512: FrozenBN, stem + res2 frozen (freeze_at=2);
+    scratch=True: trainable BatchNorm, no stage frozen."""
     import torch
 
     from retinanet.config import load_config
     from retinanet.model import build_model, use_fast_memory_format
     torch.manual_seed(0)
-    cfg = load_config(ROOT / "configs/retinanet_R50_FPN_1x_coco.yaml",
-                      ["data.test_min_size=512", "data.test_max_size=512", "data.size_divisibility=128"])
+    overrides = ["data.test_min_size=512", "data.test_max_size=512", "data.size_divisibility=128"]
+    if scratch:
+        overrides += ["model.backbone.norm=bn", "model.backbone.freeze_at=0"]
+    cfg = load_config(ROOT / "configs/retinanet_R50_FPN_1x_coco.yaml", overrides)
     model = build_model(cfg.model, num_classes, load_backbone_weights=False)
     return cfg, use_fast_memory_format(model.to(device), device)
+
+
+def _trainable(module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def _match(impl: str, device, kernel: str = "auto"):
@@ -240,12 +280,16 @@ def _autocast(device, enabled: bool):
                           enabled=enabled)
 
 
-def _step(impl: str, device, amp: bool = False):
+def _step(impl: str, device, amp: bool = False, scratch: bool = False):
+    """One SGD step of both models set up alike: the COCO recipes' FrozenBN backbone with stem and
+    res2 frozen or, scratch=True, trainable BatchNorm and every stage trainable. The returned
+    function carries the number of trainable backbone parameters, which the driver requires
+    to be the same on both sides."""
     import torch
     images = torch.rand(2, 3, 512, 512, generator=torch.Generator().manual_seed(4)).to(device)
     targets = _targets(device, 2, 10)
     if impl == "torchvision":
-        model = _tv_model(device).train()
+        model = _tv_model(device, recipe=not scratch).train()
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
 
         def run():
@@ -253,9 +297,10 @@ def _step(impl: str, device, amp: bool = False):
             optimizer.zero_grad(set_to_none=True)
             sum(losses.values()).backward()
             optimizer.step()
+        run.backbone_trainable = _trainable(model.backbone.body)
         return run
     from retinanet.losses import build_criterion
-    cfg, model = _our_model(device)
+    cfg, model = _our_model(device, scratch=scratch)
     model.train()
     criterion = build_criterion(cfg, 91, None).to(device)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
@@ -271,6 +316,7 @@ def _step(impl: str, device, amp: bool = False):
         optimizer.zero_grad(set_to_none=True)
         (losses["loss_cls"] + losses["loss_box"]).backward()
         optimizer.step()
+    run.backbone_trainable = _trainable(model.backbone)
     return run
 
 
@@ -361,10 +407,12 @@ def run_one(case: str, impl: str, repeats: int) -> dict:
     else:  # step, infer; @amp: ours under autocast (bfloat16 on CPU, float16 on CUDA)
         name, _, variant = case.partition("@")
         amp = variant == "amp" and impl == "ours"
-        fn = _step(impl, device, amp) if name == "step" else \
+        fn = _step(impl, device, amp, scratch=variant == "scratch") if name == "step" else \
             _infer(impl, device, amp, compile=variant in ("compile", "winograd") and impl == "ours",
                    winograd=variant == "winograd" and impl == "ours")
     result = _measure(fn, device, repeats)
+    if hasattr(fn, "backbone_trainable"):
+        result["backbone_trainable"] = fn.backbone_trainable
     if case == "focal" and impl == "ours" and device.type == "cuda":
         result.update(_focal_floor(device, repeats))
     result["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
@@ -377,7 +425,9 @@ def run_one(case: str, impl: str, repeats: int) -> dict:
 # ------------------------------------------------------------------------------------------------
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", nargs="*", default=list(CASES), choices=CASES)
+    parser.add_argument("--cases", nargs="*", default=list(CASES),
+                        choices=list(dict.fromkeys([*CASES, *(r for rows in ROWS.values() for r in rows)])),
+                        help="cases (each with its rows), or single rows such as step@scratch")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2,
                         help="fresh processes per side, alternating; each side keeps its best median")
@@ -389,10 +439,7 @@ def main() -> int:
         return 0
     rows = []
     for case in args.cases:
-        subs = {"post": ["post@0.0", "post@0.05"], "focal": ["focal", "focal@eager"],
-                "match": ["match", "match@eager"], "step": ["step", "step@amp"],
-                "infer": ["infer", "infer@compile", "infer@winograd", "infer@amp"]}
-        for sub in subs.get(case, [case]):
+        for sub in ROWS.get(case, [case]):
             measured = {}
             for _ in range(args.rounds):
                 for impl in ("torchvision", "ours"):
@@ -405,12 +452,19 @@ def main() -> int:
                     if impl not in measured or result["median_s"] < measured[impl]["median_s"]:
                         measured[impl] = result
             tv, ours = measured["torchvision"], measured["ours"]
+            if tv.get("backbone_trainable") != ours.get("backbone_trainable"):
+                print(f"{sub}: the two sides train different backbones: torchvision "
+                      f"{tv['backbone_trainable']} trainable parameters, ours "
+                      f"{ours['backbone_trainable']}", file=sys.stderr)
+                return 1
             row = {"case": sub, "torchvision_ms": 1000 * tv["median_s"], "ours_ms": 1000 * ours["median_s"],
                    "speed_ratio": tv["median_s"] / ours["median_s"],
                    "torchvision_peak_mb": tv["peak_extra_bytes"] / 2**20,
                    "ours_peak_mb": ours["peak_extra_bytes"] / 2**20,
                    "memory_ratio": tv["peak_extra_bytes"] / max(ours["peak_extra_bytes"], 1),
                    "device": ours["device"], "threads": ours["threads"]}
+            if "backbone_trainable" in ours:
+                row["backbone_trainable"] = ours["backbone_trainable"]
             if "floor_s" in ours:
                 row.update(ours_kernel_ms=1000 * ours["kernel_s"], floor_ms=1000 * ours["floor_s"],
                            bandwidth_gbs=ours["bandwidth_gbs"],
@@ -422,7 +476,9 @@ def main() -> int:
             rows.append(row)
             print(f"{sub:<10} torchvision {row['torchvision_ms']:9.1f} ms  ours {row['ours_ms']:9.1f} ms  "
                   f"speed x{row['speed_ratio']:5.2f}   peak extra {row['torchvision_peak_mb']:8.1f} MB vs "
-                  f"{row['ours_peak_mb']:8.1f} MB  (x{row['memory_ratio']:.1f})", flush=True)
+                  f"{row['ours_peak_mb']:8.1f} MB  (x{row['memory_ratio']:.1f})"
+                  + (f"  trainable backbone params {row['backbone_trainable']:,} on both sides"
+                     if "backbone_trainable" in row else ""), flush=True)
     print()
     print("| case | torchvision ms | ours ms | speed ratio | tv peak MB | ours peak MB | memory ratio |")
     print("|---|---|---|---|---|---|---|")

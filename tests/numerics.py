@@ -1,0 +1,129 @@
+"""What two computations of the same thing may differ by, for the tests that compare them.
+
+- The same sequence of operations on the same machine rounds the same way: compare bit for bit
+  (torch.equal), no helper needed.
+- A float32 network against its float64 evaluation (same weights, same input): forward values
+  are continuous, so they differ by float32 rounding only. `network_rtol` states a bound, relative
+  to the output's largest magnitude. Gradients are not continuous (ReLU masks and max-pool choices
+  flip where an input sits within rounding of a kink): compare them in float64, where rounding is
+  ~1e-16 and such a flip needs an input within that of a kink.
+- Detection lists: thresholds, top-k and NMS are decisions that flip where a score or IoU sits
+  within rounding of the threshold or of another score, so two lists are compared by matching
+  (`assert_detections_agree`), allowing only such near-tie detections to be missing.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torchvision.ops import box_iou
+
+U32 = 2.0 ** -24  # unit roundoff of float32
+U64 = 2.0 ** -53  # of float64
+# Standard deviations allowed under the random-rounding model below: a Gaussian tail at 10 sigma
+# is below 1e-22, so no machine, summation order or kernel choice plausibly reaches it.
+LAMBDA = 10.0
+
+
+def network_shape(model: nn.Module) -> tuple[int, int]:
+    """(depth, fan_in) for `network_rtol`: the number of convolution and normalisation layers
+    (at least the layers any activation passes through in series) and the largest number of
+    products a convolution sums (in_channels / groups * kernel area)."""
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    norms = [m for m in model.modules() if "Norm" in type(m).__name__]
+    fan_in = max(m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1] for m in convs)
+    return len(convs) + len(norms), fan_in
+
+
+def network_rtol(depth: int, fan_in: int, unit: float = U32) -> float:
+    """Bound on |y - y_exact| / max|y_exact| for a network of `depth` layers, each a sum of at
+    most `fan_in` products, evaluated with unit roundoff `unit`.
+
+    Rounding errors of a K-term sum behave like independent zero-mean variables (Higham & Mary,
+    "A new approach to probabilistic rounding error analysis", 2019): the sum is off by about
+    sqrt(K) * u of its scale, and by more than LAMBDA * sqrt(K) * u with negligible probability.
+    Each layer adds that much relative to its output's scale, and the layers add up (ReLU and
+    max-pool are 1-Lipschitz; BatchNorm / GroupNorm / He init keep every layer's activations at
+    the output's scale). Typical float32 errors measured here are 100x below this bound; a real
+    mistake (a missing ReLU, a wrong layout, wrong weights) moves outputs by O(1) of their scale.
+    """
+    return depth * LAMBDA * math.sqrt(fan_in) * unit
+
+
+def assert_within(actual: Tensor, reference: Tensor, rtol: float, what: str = "") -> None:
+    """|actual - reference| <= rtol * max|reference| elementwise (reference in float64)."""
+    reference = reference.detach().double().cpu()
+    error = (actual.detach().double().cpu() - reference).abs().max().item()
+    bound = rtol * reference.abs().max().item()
+    assert error <= bound, f"{what}: max error {error:.3g} > bound {bound:.3g} ({error / bound:.3g}x)"
+
+
+# ------------------------------------------------------------------------------ detections
+
+def detection_tolerances(reference, logit_error: float, delta_error: float, box_coder,
+                         rescale: float = 1.0) -> tuple[float, float]:
+    """(score_tol, box_tol) for detections decoded from two sets of raw outputs whose logits differ
+    by at most logit_error and box deltas by at most delta_error, `reference` (a RetinaNetOutput)
+    being one of them; boxes are multiplied by at most `rescale` on the way out.
+
+    Sigmoid is 1/4-Lipschitz, and either side rounds a score (at most 1) by u. A decoded corner,
+    e.g. x0 = dx / wx * w_a + cx_a - exp(dw / ww) * w_a / 2, moves by at most
+    w_a * delta_error / min(weights) * (1 + exp(max dw / ww + delta_error) / 2), with w_a at most
+    the largest anchor side; either side's decoding rounds a corner by a few u of its magnitude.
+    Clipping does not increase a difference."""
+    deltas, anchors = reference.box_deltas.detach().double(), reference.anchors.detach().double()
+    min_weight = min(box_coder.weights)
+    max_dw = min(deltas[..., 2:].max().item() / min_weight, box_coder.clamp)
+    max_side = (anchors[:, 2:] - anchors[:, :2]).max().item()
+    corner = max_side * delta_error / min_weight * (1 + math.exp(max_dw + delta_error) / 2)
+    corner += 2 * 8 * U32 * (anchors.abs().max().item() + max_side * math.exp(max_dw))
+    return logit_error / 4 + 2 * U32, corner * rescale
+
+
+def _unmatched(a: dict, b: dict, score_tol: float, box_tol: float) -> Tensor:
+    """(len(a),) bool: a's detections with no detection of b of the same label, score within
+    score_tol and every corner within box_tol."""
+    if len(a["scores"]) == 0 or len(b["scores"]) == 0:
+        return torch.full((len(a["scores"]),), len(b["scores"]) == 0)
+    close = ((a["labels"][:, None] == b["labels"][None])
+             & ((a["scores"][:, None] - b["scores"][None]).abs() <= score_tol)
+             & ((a["boxes"][:, None] - b["boxes"][None]).abs().amax(-1) <= box_tol))
+    return ~close.any(1)
+
+
+def _near_a_decision(d: int, a: dict, b: dict, *, score_tol: float, score_thresh: float,
+                     nms_thresh: float, iou_tol: float, max_detections: int) -> bool:
+    """Whether rounding can explain that detection d of list a is missing from list b."""
+    score = a["scores"][d].item()
+    if score <= score_thresh + score_tol:  # the score threshold
+        return True
+    if len(b["scores"]) >= max_detections and score <= b["scores"].min().item() + score_tol:
+        return True  # b is full: d falls at (or, after a flip above it, below) b's cut
+    same = b["labels"] == a["labels"][d]
+    if same.any():  # NMS in b suppressed d: by an overlap near the threshold, a score near
+        # d's (which of two survives is a tie), or a detection that is itself such a flip
+        iou = box_iou(a["boxes"][d:d + 1].double(), b["boxes"][same].double())[0]
+        return bool((iou >= nms_thresh - iou_tol).any())
+    return False
+
+
+def assert_detections_agree(got: dict, want: dict, *, score_tol: float, box_tol: float,
+                            score_thresh: float, nms_thresh: float, max_detections: int,
+                            iou_tol: float = 1e-3, max_unmatched: int = 3, what: str = "") -> None:
+    """got / want: one image's {"boxes", "scores", "labels"} from two computations whose scores
+    differ by at most score_tol and boxes by at most box_tol (0 and 0 for the same arithmetic).
+    Every detection of either list has a partner in the other (same label, within the tolerances)
+    except at most max_unmatched per list, each one near a decision that rounding can flip (see
+    _near_a_decision): a systematic difference leaves far more unmatched, or unmatched ones far
+    from any decision. iou_tol: how far box_tol can move an IoU (and its rounding)."""
+    for a, b, side in ((got, want, "got"), (want, got, "want")):
+        missing = _unmatched(a, b, score_tol, box_tol).nonzero().flatten().tolist()
+        assert len(missing) <= max_unmatched, \
+            f"{what}: {len(missing)} of {len(a['scores'])} detections ({side}) have no partner"
+        for d in missing:
+            assert _near_a_decision(d, a, b, score_tol=score_tol, score_thresh=score_thresh,
+                                    nms_thresh=nms_thresh, iou_tol=iou_tol, max_detections=max_detections), \
+                (f"{what}: detection {d} ({side}: label {a['labels'][d].item()}, score "
+                 f"{a['scores'][d].item():.6g}, box {a['boxes'][d].tolist()}) has no partner and "
+                 "is near no threshold, cut or NMS overlap")

@@ -61,16 +61,13 @@ def assert_within(actual: Tensor, reference: Tensor, rtol: float, what: str = ""
 
 # ------------------------------------------------------------------------------ detections
 
-def detection_tolerances(reference, logit_error: float, delta_error: float, box_coder,
-                         rescale: float = 1.0) -> tuple[float, float]:
-    """(score_tol, box_tol) for detections decoded from two sets of raw outputs whose logits differ
-    by at most logit_error and box deltas by at most delta_error, `reference` (a RetinaNetOutput)
-    being one of them; boxes are multiplied by at most `rescale` on the way out.
+def box_tolerance(reference, delta_error: float, box_coder, rescale: float = 1.0) -> float:
+    """How far a decoded corner can move when the box deltas of `reference` (a RetinaNetOutput)
+    move by at most delta_error and boxes are then multiplied by at most `rescale`.
 
-    Sigmoid is 1/4-Lipschitz, and either side rounds a score (at most 1) by u. A decoded corner,
-    e.g. x0 = dx / wx * w_a + cx_a - exp(dw / ww) * w_a / 2, moves by at most
-    w_a * delta_error / min(weights) * (1 + exp(max dw / ww + delta_error) / 2), with w_a at most
-    the largest anchor side; either side's decoding rounds a corner by a few u of its magnitude.
+    x0 = dx / wx * w_a + cx_a - exp(dw / ww) * w_a / 2 moves by at most
+    w_a * delta_error / min(weights) * (1 + exp(max dw / ww + delta_error) / 2), w_a at most the
+    largest anchor side; either side's decoding rounds a corner by a few u of its magnitude.
     Clipping does not increase a difference."""
     deltas, anchors = reference.box_deltas.detach().double(), reference.anchors.detach().double()
     min_weight = min(box_coder.weights)
@@ -78,27 +75,39 @@ def detection_tolerances(reference, logit_error: float, delta_error: float, box_
     max_side = (anchors[:, 2:] - anchors[:, :2]).max().item()
     corner = max_side * delta_error / min_weight * (1 + math.exp(max_dw + delta_error) / 2)
     corner += 2 * 8 * U32 * (anchors.abs().max().item() + max_side * math.exp(max_dw))
-    return logit_error / 4 + 2 * U32, corner * rescale
+    return corner * rescale
 
 
-def _unmatched(a: dict, b: dict, score_tol: float, box_tol: float) -> Tensor:
+def _score_tol(scores: Tensor, logit_tol: float) -> Tensor:
+    """How far a sigmoid score p can move when its logit moves by logit_tol: at most
+    logit_tol * max sigmoid' over [x - logit_tol, x + logit_tol] <= logit_tol * e^logit_tol * p (1 - p),
+    plus either side's rounding of p (<= u). 0 for logit_tol 0: the same logit, the same score."""
+    scores = scores.double()
+    if logit_tol == 0:
+        return torch.zeros_like(scores)
+    return logit_tol * math.exp(logit_tol) * scores * (1 - scores) + 2 * U32
+
+
+def _unmatched(a: dict, b: dict, logit_tol: float, box_tol: float) -> Tensor:
     """(len(a),) bool: a's detections with no detection of b of the same label, score within
-    score_tol and every corner within box_tol."""
+    what logit_tol allows and every corner within box_tol."""
     if len(a["scores"]) == 0 or len(b["scores"]) == 0:
         return torch.full((len(a["scores"]),), len(b["scores"]) == 0)
+    tol = torch.maximum(_score_tol(a["scores"], logit_tol)[:, None], _score_tol(b["scores"], logit_tol)[None])
     close = ((a["labels"][:, None] == b["labels"][None])
-             & ((a["scores"][:, None] - b["scores"][None]).abs() <= score_tol)
+             & ((a["scores"][:, None].double() - b["scores"][None].double()).abs() <= tol)
              & ((a["boxes"][:, None] - b["boxes"][None]).abs().amax(-1) <= box_tol))
     return ~close.any(1)
 
 
-def _near_a_decision(d: int, a: dict, b: dict, *, score_tol: float, score_thresh: float,
+def _near_a_decision(d: int, a: dict, b: dict, *, logit_tol: float, score_thresh: float,
                      nms_thresh: float, iou_tol: float, max_detections: int) -> bool:
     """Whether rounding can explain that detection d of list a is missing from list b."""
-    score = a["scores"][d].item()
-    if score <= score_thresh + score_tol:  # the score threshold
+    score = a["scores"][d:d + 1]
+    tol = _score_tol(score, logit_tol).item()
+    if score.item() <= score_thresh + tol:  # the score threshold
         return True
-    if len(b["scores"]) >= max_detections and score <= b["scores"].min().item() + score_tol:
+    if len(b["scores"]) >= max_detections and score.item() <= b["scores"].min().item() + tol:
         return True  # b is full: d falls at (or, after a flip above it, below) b's cut
     same = b["labels"] == a["labels"][d]
     if same.any():  # NMS in b suppressed d: by an overlap near the threshold, a score near
@@ -108,21 +117,24 @@ def _near_a_decision(d: int, a: dict, b: dict, *, score_tol: float, score_thresh
     return False
 
 
-def assert_detections_agree(got: dict, want: dict, *, score_tol: float, box_tol: float,
+def assert_detections_agree(got: dict, want: dict, *, logit_tol: float, box_tol: float,
                             score_thresh: float, nms_thresh: float, max_detections: int,
-                            iou_tol: float = 1e-3, max_unmatched: int = 3, what: str = "") -> None:
-    """got / want: one image's {"boxes", "scores", "labels"} from two computations whose scores
-    differ by at most score_tol and boxes by at most box_tol (0 and 0 for the same arithmetic).
-    Every detection of either list has a partner in the other (same label, within the tolerances)
-    except at most max_unmatched per list, each one near a decision that rounding can flip (see
-    _near_a_decision): a systematic difference leaves far more unmatched, or unmatched ones far
-    from any decision. iou_tol: how far box_tol can move an IoU (and its rounding)."""
+                            iou_tol: float = 0.01, max_unmatched: int = 3, what: str = "") -> None:
+    """got / want: one image's {"boxes", "scores", "labels"} (sigmoid scores) from two
+    computations whose logits differ by at most logit_tol and boxes by at most box_tol (0 and 0
+    for the same arithmetic: equal values). Every detection of either list has a partner in the
+    other (same label, within the tolerances) except at most max_unmatched per list, each near a
+    decision that rounding can flip (see _near_a_decision): a systematic difference leaves far
+    more unmatched, or unmatched ones far from any decision.
+
+    iou_tol: how far an IoU can move, by box_tol and by batched_nms's rounding (its per-class
+    coordinate offsets reach 1e5 px, where float32 steps are 0.008 px): 0.01 for boxes >= 8 px."""
     for a, b, side in ((got, want, "got"), (want, got, "want")):
-        missing = _unmatched(a, b, score_tol, box_tol).nonzero().flatten().tolist()
+        missing = _unmatched(a, b, logit_tol, box_tol).nonzero().flatten().tolist()
         assert len(missing) <= max_unmatched, \
             f"{what}: {len(missing)} of {len(a['scores'])} detections ({side}) have no partner"
         for d in missing:
-            assert _near_a_decision(d, a, b, score_tol=score_tol, score_thresh=score_thresh,
+            assert _near_a_decision(d, a, b, logit_tol=logit_tol, score_thresh=score_thresh,
                                     nms_thresh=nms_thresh, iou_tol=iou_tol, max_detections=max_detections), \
                 (f"{what}: detection {d} ({side}: label {a['labels'][d].item()}, score "
                  f"{a['scores'][d].item():.6g}, box {a['boxes'][d].tolist()}) has no partner and "

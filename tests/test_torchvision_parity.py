@@ -29,6 +29,7 @@ from retinanet.model.convert import (ConversionError, check_against, convert_tor
                                      unwrap_state_dict)
 
 from conftest import REPO_ROOT
+from numerics import assert_detections_agree
 
 CONFIGS = {"v1": REPO_ROOT / "configs/torchvision/retinanet_resnet50_fpn.yaml",
            "v2": REPO_ROOT / "configs/torchvision/retinanet_resnet50_fpn_v2.yaml"}
@@ -128,28 +129,33 @@ def parity(request, tmp_path_factory):
 
 
 def test_detections_match_torchvision(parity):
+    """The raw outputs are torchvision's bit for bit (below) and scores and boxes come from them by
+    the same elementwise arithmetic (sigmoid, decode, clip): equal values. Which candidates are
+    kept is a decision (top-k per level, NMS per image there and over the batch here, the cut at
+    max_detections) that only a tie can turn (e.g. two logits that sigmoid rounds to one score),
+    and a tie can also swap two rows: detections are matched, not compared row by row."""
+    postprocessor = parity["detector"].postprocessor
     for i, (ref, ours) in enumerate(zip(parity["tv"], parity["ours"])):
         assert len(ref["boxes"]) > 100, "too few boxes compared to prove anything"
-        assert len(ours["boxes"]) == len(ref["boxes"]), f"image {i}"
-        assert torch.equal(ours["labels"], ref["labels"]), f"image {i}"
-        torch.testing.assert_close(ours["boxes"], ref["boxes"], atol=1e-3, rtol=0)
-        torch.testing.assert_close(ours["scores"], ref["scores"], atol=1e-5, rtol=0)
+        assert_detections_agree(ours, ref, logit_tol=0.0, box_tol=0.0, score_thresh=SCORE_THRESH,
+                                nms_thresh=postprocessor.nms_thresh,
+                                max_detections=postprocessor.max_detections, what=f"image {i}")
         # COCO labels of torchvision models are category ids (label_map: category_id)
-        assert torch.equal(ours["category_ids"], ref["labels"])
+        assert torch.equal(ours["category_ids"], ours["labels"])
 
 
 def test_raw_head_outputs_and_anchors_match_torchvision(parity):
+    """Bit for bit: the converted configs run torchvision's sequence of operations (contiguous
+    layout, BatchNorm as its own op, the same convolutions, upsampling, additions and reshapes on
+    the same input), and the same operations on the same machine round the same way."""
     raw = parity["ours_raw"]
     tv_head = parity["tv_head"]
-    torch.testing.assert_close(raw.cls_logits, tv_head["cls_logits"], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(raw.box_deltas, tv_head["bbox_regression"], atol=1e-5, rtol=1e-5)
-    # per level too: the split points are the same
+    assert torch.equal(raw.cls_logits, tv_head["cls_logits"])
+    assert torch.equal(raw.box_deltas, tv_head["bbox_regression"])
+    # the levels' split points are the same
     tv_levels = [h * w * 9 for h, w in (f.shape[-2:] for f in parity["tv_model"].backbone(
         parity["tv_model"].transform(parity["images"])[0].tensors).values())]
     assert raw.num_anchors_per_level == tv_levels
-    for ours_level, tv_level in zip(raw.cls_logits.split(tv_levels, dim=1),
-                                    tv_head["cls_logits"].split(tv_levels, dim=1)):
-        torch.testing.assert_close(ours_level, tv_level, atol=1e-5, rtol=1e-5)
     for tv_anchors in parity["tv_anchors"]:  # one (A, 4) per image, all equal
         torch.testing.assert_close(raw.anchors, tv_anchors, atol=0, rtol=0)
 

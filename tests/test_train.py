@@ -1,4 +1,5 @@
 """Training end to end: overfitting a few images, and the command-line tools on a tiny run."""
+import copy
 import json
 import subprocess
 import sys
@@ -129,3 +130,30 @@ def test_amp_training_step_on_cuda(tiny_config):
     trainer.train()
     state = load_checkpoint(f"{cfg.output_dir}/model_final.pth")
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_the_trainer_leaves_the_callers_config_alone(tiny_config):
+    """num_classes is resolved in the trainer's own copy (and the run's config.yaml), not
+    written into the object the caller passed."""
+    tiny_config.data.val.annotations = ""
+    before = copy.deepcopy(tiny_config)
+    trainer = Trainer(tiny_config, log=lambda s: None)
+    assert tiny_config == before and tiny_config.model.num_classes is None
+    assert trainer.config.model.num_classes == 5
+    assert load_config(f"{tiny_config.output_dir}/config.yaml").model.num_classes == 5
+
+
+def test_the_rank_reduction_of_the_positive_count_applies_in_training_only(tiny_config):
+    from retinanet.losses import build_criterion
+    calls = []
+    criterion = build_criterion(tiny_config, 3, reduce_num_fg=lambda n: calls.append(n) or n * 0.5)
+    anchors = torch.tensor([[0.0, 0, 10, 10], [20, 20, 40, 40]])
+    # both anchors are positives (IoU 1): num_fg 2, which the stand-in reduction halves
+    args = (torch.zeros(1, 2, 3), torch.zeros(1, 2, 4), anchors, [anchors.clone()], [torch.tensor([1, 2])])
+    trained = criterion(*args)
+    assert len(calls) == 1 and float(calls[0]) == 2
+    criterion.eval()  # validation: ranks run different numbers of batches, no collective
+    evaluated = criterion(*args)
+    assert len(calls) == 1
+    assert float(evaluated["loss_cls"]) > 0
+    torch.testing.assert_close(trained["loss_cls"], 2 * evaluated["loss_cls"], rtol=0, atol=0)

@@ -2,6 +2,7 @@
 evaluates. Iteration-based, as the published detection recipes are."""
 from __future__ import annotations
 
+import copy
 import datetime
 import logging
 import math
@@ -125,6 +126,7 @@ class Trainer:
 
     def __init__(self, config: Config, *, resume: Optional[str] = None,
                  log: Callable[[str], None] = print):
+        config = copy.deepcopy(config)  # resolved below (num_classes); the caller's stays as given
         self.config = config
         seed_everything(config.train.seed)
         self.device = resolve_device(config.train.device)
@@ -179,9 +181,9 @@ class Trainer:
         if self.dist.world_size > 1:
             self.network = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.criterion = build_criterion(config, num_classes,
-                                         self.train_set.class_counts()).to(self.device)
-        self.criterion.reduce_num_fg = all_reduce_mean
+        self.criterion = build_criterion(
+            config, num_classes, self.train_set.class_counts(),
+            reduce_num_fg=all_reduce_mean if self.dist.world_size > 1 else None).to(self.device)
         self.optimizer = build_optimizer(config, self.model)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda it: lr_factor(config, it))
@@ -434,12 +436,10 @@ class Trainer:
         def predict(batch):
             return self.detector.predict_batch(batch, on_outputs=add_val_loss if ev.val_loss else None)
 
-        self.criterion.eval()
-        reduce_num_fg, self.criterion.reduce_num_fg = self.criterion.reduce_num_fg, (lambda n: n)
-        try:  # per-rank normaliser here: ranks run different numbers of validation batches
+        self.criterion.eval()  # per-rank normaliser: ranks run different numbers of validation batches
+        try:
             result = evaluator(predict, log=self.log)
         finally:
-            self.criterion.reduce_num_fg = reduce_num_fg
             self.criterion.train()
         for name in METRIC_NAMES[:6]:
             self.writer.add_scalar(f"eval/{name}", result["metrics"][name], self.iteration)

@@ -1,9 +1,10 @@
 """Losses and matching: `build_criterion(config, num_classes)` wires them from a config."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
+from torch import Tensor
 
 from ..boxes import BoxCoder
 from ..config import Config
@@ -28,9 +29,10 @@ def build_box_coder(config: Config) -> BoxCoder:
     return BoxCoder(config.model.box_coder.weights, config.model.box_coder.clamp)
 
 
-def build_criterion(config: Config, num_classes: int,
-                    class_counts: Sequence[int] | None = None) -> RetinaNetCriterion:
-    """`class_counts` (K,): training boxes per class, needed for loss.cls.class_balance_beta."""
+def build_criterion(config: Config, num_classes: int, class_counts: Sequence[int] | None = None,
+                    reduce_num_fg: Callable[[Tensor], Tensor] | None = None) -> RetinaNetCriterion:
+    """`class_counts` (K,): training boxes per class, needed for loss.cls.class_balance_beta;
+    `reduce_num_fg`: the positive count's mean over ranks under DDP (None: one process)."""
     m, loss = config.model.matcher, config.loss
     class_weights = None
     if loss.cls.class_balance_beta is not None:
@@ -44,4 +46,4 @@ def build_criterion(config: Config, num_classes: int,
         cls_loss=build_classification_loss(loss.cls), cls_weight=loss.cls.weight,
         class_weights=class_weights,
         box_loss=loss.box.type, smooth_l1_beta=loss.box.beta, box_weight=loss.box.weight,
-        normalizer_momentum=loss.normalizer_momentum)
+        normalizer_momentum=loss.normalizer_momentum, reduce_num_fg=reduce_num_fg)

@@ -42,7 +42,8 @@ class RetinaNetCriterion(nn.Module):
                  cls_loss: Optional[ClassificationLoss] = None, cls_weight: float = 1.0,
                  class_weights: Optional[Tensor] = None, box_loss: str = "smooth_l1",
                  smooth_l1_beta: float = 0.1, box_weight: float = 1.0,
-                 normalizer_momentum: float = 0.0):
+                 normalizer_momentum: float = 0.0,
+                 reduce_num_fg: Optional[Callable[[Tensor], Tensor]] = None):
         super().__init__()
         if box_loss not in ("smooth_l1", "l1", "giou"):
             raise ValueError(f"box loss must be smooth_l1, l1 or giou, got {box_loss!r}")
@@ -57,8 +58,9 @@ class RetinaNetCriterion(nn.Module):
         # Detectron2's starting value: about the number of positives of a COCO image batch.
         self.register_buffer("normalizer_ema", torch.tensor(100.0), persistent=True)
         # Under DDP: the mean of num_fg over ranks, so that N ranks x batch b normalise (and,
-        # with DDP's gradient averaging, train) like 1 process x batch N*b. Identity otherwise.
-        self.reduce_num_fg: Callable[[Tensor], Tensor] = lambda num_fg: num_fg
+        # with DDP's gradient averaging, train) like 1 process x batch N*b. Training mode only:
+        # in evaluation ranks run different numbers of batches, so a collective would hang.
+        self.reduce_num_fg: Callable[[Tensor], Tensor] = reduce_num_fg or (lambda num_fg: num_fg)
 
     def forward(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor,
                 gt_boxes: Sequence[Tensor], gt_labels: Sequence[Tensor]) -> dict[str, Tensor]:
@@ -119,7 +121,7 @@ class RetinaNetCriterion(nn.Module):
         return self._box_loss(pred, flat_anchors, target_boxes, fg)
 
     def _normalizer(self, num_fg: Tensor) -> Tensor:
-        num_fg = self.reduce_num_fg(num_fg.float())
+        num_fg = self.reduce_num_fg(num_fg.float()) if self.training else num_fg.float()
         if self.normalizer_momentum > 0 and self.training:
             m = self.normalizer_momentum
             self.normalizer_ema.mul_(m).add_((1 - m) * num_fg.detach())

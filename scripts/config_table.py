@@ -1,10 +1,11 @@
-"""The README's table of every config key, generated from the schema in retinanet/config.py.
+"""The configuration reference of the docs (docs/configuration.md): every config key, generated
+from the schema in retinanet/config.py.
 
-    python scripts/config_table.py            # rewrite the table in README.md
-    python scripts/config_table.py --check    # exit 1 if README.md's table is out of date
+    python scripts/config_table.py            # rewrite the table in docs/configuration.md
+    python scripts/config_table.py --check    # exit 1 if the page's table is out of date
 
 Each row: the dotted key, its type, its default, and the comment written above (or beside) the
-field in retinanet/config.py. tests/test_config_table.py fails when the README drifts.
+field in retinanet/config.py. tests/test_docs.py fails when the page drifts.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import typing
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PAGE = ROOT / "docs" / "configuration.md"
 sys.path.insert(0, str(ROOT))
 
 from retinanet import config as schema  # noqa: E402
@@ -93,29 +95,29 @@ def table() -> str:
     return "\n".join(lines + ["", END])
 
 
-def readme_with_table(readme: str) -> str:
-    if BEGIN not in readme or END not in readme:
-        raise SystemExit(f"README.md has no {BEGIN} ... {END} block to fill")
-    head, rest = readme.split(BEGIN, 1)
+def page_with_table(page: str) -> str:
+    if BEGIN not in page or END not in page:
+        raise SystemExit(f"{PAGE.relative_to(ROOT)} has no {BEGIN} ... {END} block to fill")
+    head, rest = page.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
     return head + table() + tail
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date")
+    parser.add_argument("--check", action="store_true", help=f"exit 1 if {PAGE.name} is out of date")
     args = parser.parse_args()
-    path = ROOT / "README.md"
-    current = path.read_text()
-    updated = readme_with_table(current)
+    path, name = PAGE, PAGE.relative_to(ROOT)
+    current = path.read_text(encoding="utf-8")
+    updated = page_with_table(current)
     if args.check:
         if updated != current:
-            print("README.md's config table is out of date: run python scripts/config_table.py")
+            print(f"{name}'s config table is out of date: run python scripts/config_table.py")
             return 1
-        print("README.md's config table is current")
+        print(f"{name}'s config table is current")
         return 0
-    path.write_text(updated)
-    print(f"wrote the table of {len(rows())} keys to {path}")
+    path.write_text(updated, encoding="utf-8")
+    print(f"wrote the table of {len(rows())} keys to {name}")
     return 0
 
 

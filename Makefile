@@ -9,7 +9,7 @@ SHAPES := data/shapes
 NPROC ?= 2
 CONFIG ?= configs/shapes_R18.yaml
 
-.PHONY: install demo demo-ddp train-ddp test data clean
+.PHONY: install demo demo-ddp train-ddp test docs data clean
 
 install: $(STAMP)
 
@@ -26,7 +26,7 @@ demo: data
 	$(PY) tools/train.py --config configs/shapes_R18.yaml
 
 # Single-node multi-process training: one process per GPU (NCCL), or CPU processes (gloo).
-# train.batch_size is per process: scale the LR with the total batch (see README).
+# train.batch_size is per process: scale the LR with the total batch (see docs/multi-gpu.md).
 train-ddp: $(STAMP)
 	$(PY) -m torch.distributed.run --standalone --nproc_per_node=$(NPROC) tools/train.py --config $(CONFIG) $(ARGS)
 
@@ -36,5 +36,10 @@ demo-ddp: data
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The documentation site (docs/, mkdocs.yml) into site/; strict: any warning (a broken link or
+# anchor, a page missing from the nav) fails the build.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs site .pytest_cache

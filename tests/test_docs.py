@@ -167,7 +167,7 @@ def test_add_copies_a_run_with_its_machine_and_date(tmp_path, monkeypatch):
     script = _load_script("benchmark_table")
     monkeypatch.setattr(script, "DATA", tmp_path)
     run = tmp_path / "benchmark.json"  # what scripts/benchmark.py --json writes
-    run.write_text(json.dumps({"rows": [{"case": "step", "torchvision_ms": 30.0, "ours_ms": 20.0,
+    run.write_text(json.dumps({"rows": [{"case": "match", "torchvision_ms": 30.0, "ours_ms": 20.0,
                                          "speed_ratio": 1.5, "torchvision_peak_mb": 10.0, "ours_peak_mb": 5.0,
                                          "memory_ratio": 2.0, "device": "cpu", "threads": 2}],
                                "malloc_env": {}, "repeats": 5, "rounds": 2}))
@@ -175,7 +175,7 @@ def test_add_copies_a_run_with_its_machine_and_date(tmp_path, monkeypatch):
     data = script.load(target.name)
     assert (data["machine"], data["date"], data["label"]) == ("a test machine", "2026-12-01", "test")
     table = script.table(target.name)
-    assert "**a test machine**, 2026-12-01" in table and "| `step` |" in table and "| 1.5 |" in table
+    assert "**a test machine**, 2026-12-01" in table and "| `match` |" in table and "| 1.5 |" in table
     assert "1.5×" in script.summary([target.name])
 
 

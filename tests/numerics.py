@@ -78,14 +78,26 @@ def box_tolerance(reference, delta_error: float, box_coder, rescale: float = 1.0
     return corner * rescale
 
 
+# Two float32 sigmoids of one logit: torch's vectorised kernel (SLEEF exp) and its scalar one (libm
+# exp, for the last elements of a tensor) each round exp, an add and a division, to within 4 u of p.
+SCORE_RTOL = 8 * U32
+# Two float32 decodings of one box: a few roundings (exp, products, sums) of a corner each side,
+# each within u of the magnitudes involved (coordinates and sides): 16 u of the largest coordinate.
+BOX_ULPS = 16 * U32
+
+
+def rounding_box_tol(*detections: dict) -> float:
+    """box_tol for boxes decoded from the same deltas and anchors by the same formulas: BOX_ULPS of
+    the largest coordinate."""
+    return BOX_ULPS * max([d["boxes"].abs().max().item() for d in detections if len(d["boxes"])], default=0.0)
+
+
 def _score_tol(scores: Tensor, logit_tol: float) -> Tensor:
     """How far a sigmoid score p can move when its logit moves by logit_tol: at most
     logit_tol * max sigmoid' over [x - logit_tol, x + logit_tol] <= logit_tol * e^logit_tol * p (1 - p),
-    plus either side's rounding of p (<= u). 0 for logit_tol 0: the same logit, the same score."""
+    plus the two sides' rounding of p (SCORE_RTOL)."""
     scores = scores.double()
-    if logit_tol == 0:
-        return torch.zeros_like(scores)
-    return logit_tol * math.exp(logit_tol) * scores * (1 - scores) + 2 * U32
+    return logit_tol * math.exp(logit_tol) * scores * (1 - scores) + SCORE_RTOL * scores
 
 
 def _unmatched(a: dict, b: dict, logit_tol: float, box_tol: float) -> Tensor:
@@ -121,8 +133,9 @@ def assert_detections_agree(got: dict, want: dict, *, logit_tol: float, box_tol:
                             score_thresh: float, nms_thresh: float, max_detections: int,
                             iou_tol: float = 0.01, max_unmatched: int = 3, what: str = "") -> None:
     """got / want: one image's {"boxes", "scores", "labels"} (sigmoid scores) from two
-    computations whose logits differ by at most logit_tol and boxes by at most box_tol (0 and 0
-    for the same arithmetic: equal values). Every detection of either list has a partner in the
+    computations whose logits differ by at most logit_tol and boxes by at most box_tol (for
+    bit-identical logits and deltas: 0 and rounding_box_tol, as sigmoid and decoding may run in
+    differently shaped tensors, where torch's kernels take scalar or vector paths). Every detection of either list has a partner in the
     other (same label, within the tolerances) except at most max_unmatched per list, each near a
     decision that rounding can flip (see _near_a_decision): a systematic difference leaves far
     more unmatched, or unmatched ones far from any decision.

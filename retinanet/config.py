@@ -112,20 +112,20 @@ class ModelConfig:
     # Frozen BatchNorm folded into the convolution before it: in training the conv scales its
     # weights at each call (same gradients, same checkpoint keys), and inference (Detector,
     # tools/eval.py, infer, export) folds every frozen / eval-mode norm once. Two passes over
-    # the activations less per norm (~15 % of R50-FPN inference on CPU); false keeps
-    # torchvision's exact rounding (its configs set false).
+    # the activations less per norm (figures: docs/benchmarks.md); false keeps torchvision's
+    # exact rounding (its configs set false).
     fold_batchnorm: bool = True
     # torch.compile (inductor, weights frozen into the graph) of a standalone inference model
     # (Detector.from_config: tools/eval.py, tools/infer.py, the Python API; not evaluation during
-    # training, whose weights change). Measured on 2 CPU cores, R50-FPN at 512x512: 5-7 % faster,
-    # ~10 s of compilation per new input shape; eager with a warning where it cannot compile.
+    # training, whose weights change). Pays a compilation per new input shape (figures:
+    # docs/benchmarks.md); eager with a warning where it cannot compile.
     compile_inference: bool = False
     # With compile_inference on CPU: the 3x3 stride-1 convolutions (head, FPN outputs, ResNet
     # blocks) by Winograd F(2x2, 3x3), 2.25x fewer multiply-adds than oneDNN's direct
-    # convolution; results equal to float32 rounding (~1e-6). Measured on 2 CPU cores, R50-FPN
-    # at 512x512: inference 860 -> 654 ms (1.58x torchvision's), but ~2.5 min of compilation per
-    # new input shape and 3x the peak memory: for a fixed input size, not for evaluation at
-    # many. No effect eagerly or on CUDA (cuDNN picks its own algorithms).
+    # convolution; results equal to float32 rounding. Faster where inductor fuses the transforms,
+    # at the price of minutes of compilation per new input shape and more peak memory
+    # (docs/benchmarks.md): for a fixed input size, not for evaluation at many. No effect
+    # eagerly or on CUDA (cuDNN picks its own algorithms).
     winograd: bool = False
     # Initial weights of the whole model for fine-tuning (a checkpoint of ours, or one converted by
     # tools/convert_torchvision.py). Parameters whose shape differs (the classifier, when the class
@@ -144,8 +144,8 @@ class ClsLossConfig:
     label_smoothing: float = 0.0  # focal, bce (towards 0.5), softmax_focal (towards 1/(K+1))
     # focal, bce: auto (Triton on CUDA when it imports; on CPU compile from 4M logits up, else
     # eager) | eager (torch ops over cache-sized chunks) | compile (torch.compile of the same
-    # math, one fused loop: ~3x eager on CPU; compiled once, ~13 s cold, ~3 s from torch's disk
-    # cache; falls back to eager with a warning where it cannot compile) | triton
+    # math, one fused loop, compiled once per process; falls back to eager with a warning where
+    # it cannot compile) | triton
     kernel: Literal["auto", "eager", "compile", "triton"] = "auto"
     ghm_bins: int = 30  # the GHM paper's setting (with momentum 0.75)
     ghm_momentum: float = 0.75  # EMA of the gradient-density histogram
@@ -221,7 +221,7 @@ class DataConfig:
 @dataclass
 class OptimizerConfig:
     type: Literal["sgd", "adamw"] = "sgd"  # optimizer
-    lr: float = 0.01  # base learning rate (for the total batch; see the README's scaling rule)
+    lr: float = 0.01  # base learning rate (for the total batch; see docs/multi-gpu.md's scaling rule)
     momentum: float = 0.9  # SGD only
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW only
     weight_decay: float = 1e-4  # on conv and linear weights

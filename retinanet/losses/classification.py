@@ -124,7 +124,7 @@ class OHEMLoss(ClassificationLoss):
     `min_negatives`, so images without boxes still teach background). Use it as the classic
     sampling alternative to focal loss's soft re-weighting; it ignores easy negatives entirely.
     Unlike the OHEM of the focal-loss paper it applies no NMS before mining, so the hardest
-    negatives are often near-duplicates of positives (see the README's loss comparison).
+    negatives are often near-duplicates of positives (see the loss comparison in docs/training.md).
     """
 
     def __init__(self, *, neg_pos_ratio: float = 3.0, min_negatives: int = 16):

@@ -121,10 +121,14 @@ def _near_a_decision(d: int, a: dict, b: dict, *, logit_tol: float, score_thresh
         return True
     if len(b["scores"]) >= max_detections and score.item() <= b["scores"].min().item() + tol:
         return True  # b is full: d falls at (or, after a flip above it, below) b's cut
-    same = b["labels"] == a["labels"][d]
-    if same.any():  # NMS in b suppressed d: by an overlap near the threshold, a score near
-        # d's (which of two survives is a tie), or a detection that is itself such a flip
-        iou = box_iou(a["boxes"][d:d + 1].double(), b["boxes"][same].double())[0]
+    # NMS in b suppressed d: a detection of d's label that ranks above it (to rounding) and
+    # overlaps it above the threshold (to iou_tol). As d survived NMS in a, that overlap is near
+    # the threshold, or the two scores tie (which of them survives is a tie), or that detection
+    # is itself missing from a (a flip above d)
+    above = (b["labels"] == a["labels"][d]) & (b["scores"].double() >= score.item() - tol
+                                                - _score_tol(b["scores"], logit_tol))
+    if above.any():
+        iou = box_iou(a["boxes"][d:d + 1].double(), b["boxes"][above].double())[0]
         return bool((iou >= nms_thresh - iou_tol).any())
     return False
 

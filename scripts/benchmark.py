@@ -428,6 +428,8 @@ def main() -> int:
     parser.add_argument("--cases", nargs="*", default=list(CASES),
                         choices=list(dict.fromkeys([*CASES, *(r for rows in ROWS.values() for r in rows)])),
                         help="cases (each with its rows), or single rows such as step@scratch")
+    parser.add_argument("--skip", nargs="*", default=[], metavar="ROW",
+                        help="rows to leave out, e.g. step@amp infer@winograd (minutes each on a 2-core CPU)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2,
                         help="fresh processes per side, alternating; each side keeps its best median")
@@ -439,7 +441,7 @@ def main() -> int:
         return 0
     rows = []
     for case in args.cases:
-        for sub in ROWS.get(case, [case]):
+        for sub in [row for row in ROWS.get(case, [case]) if row not in args.skip]:
             measured = {}
             for _ in range(args.rounds):
                 for impl in ("torchvision", "ours"):

@@ -16,9 +16,8 @@ from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou
 
-from .data.transforms import resize_scale
+from .boxes import broadcast_iou, padded_size, pairwise_iou, resize_scale
 from .model.anchors import AnchorGenerator
 
 # COCO's size buckets, by box area (COCOeval measures the mask area; here it is the box's).
@@ -26,8 +25,8 @@ SIZE_BUCKETS: tuple[tuple[str, float, float], ...] = (
     ("small", 0.0, 32.0 ** 2), ("medium", 32.0 ** 2, 96.0 ** 2), ("large", 96.0 ** 2, math.inf))
 SIZE_BUCKET_NAMES = tuple(name for name, _, _ in SIZE_BUCKETS)
 
-# IoU pairs per chunk of ground-truth boxes: box_iou's temporaries are ~7 floats per pair, so this
-# bounds a chunk at ~110 MB whatever the image size (COCO at 800 px has ~200k anchors).
+# IoU pairs per chunk of ground-truth boxes: pairwise_iou keeps a few floats per pair, so this
+# bounds a chunk's memory whatever the image size (COCO at 800 px has ~200k anchors).
 MAX_IOU_PAIRS = 4_000_000
 
 
@@ -49,7 +48,7 @@ def best_anchor_iou(anchors: Tensor, gt_boxes: Tensor,
         return best_iou, best_index
     rows = max(1, max_pairs // num_anchors)
     for start in range(0, num_boxes, rows):
-        iou = box_iou(gt_boxes[start:start + rows], anchors.to(gt_boxes.device))  # (rows, A)
+        iou = pairwise_iou(gt_boxes[start:start + rows], anchors.to(gt_boxes.device))  # (rows, A)
         best_iou[start:start + rows], best_index[start:start + rows] = iou.max(dim=1)
     return best_iou, best_index
 
@@ -131,11 +130,9 @@ def resized_size(height: int, width: int, min_size: int, max_size: int, *,
 
 def feature_sizes(height: int, width: int, size_divisibility: int,
                   strides: Sequence[int]) -> tuple[tuple[int, int], list[tuple[int, int]]]:
-    """Padded input size (H, W) of a one-image batch and the (H_l, W_l) of each level: the
-    ResNet/FPN stride-2 convolutions give ceil(H / stride)."""
-    if size_divisibility > 1:
-        height = math.ceil(height / size_divisibility) * size_divisibility
-        width = math.ceil(width / size_divisibility) * size_divisibility
+    """Padded input size (H, W) of a one-image batch (padded_size) and the (H_l, W_l) of each
+    level: the ResNet/FPN stride-2 convolutions give ceil(H / stride)."""
+    height, width = padded_size(height, width, size_divisibility)
     return (height, width), [(math.ceil(height / s), math.ceil(width / s)) for s in strides]
 
 
@@ -221,7 +218,7 @@ def grid_best_anchor_iou(anchors: Tensor, feature_sizes: Sequence[tuple[int, int
         type_idx = torch.arange(types)[:, None, None, None]
         # (T, N, 2 rows, 2 cols) indices into the whole anchor tensor
         index = start + (rows[..., :, None] * width + cols[..., None, :]) * types + type_idx
-        iou = _paired_iou(anchors[index].float(), gt_boxes[None, :, None, None])
+        iou = broadcast_iou(anchors[index].float(), gt_boxes[None, :, None, None])
         level_iou, flat = iou.permute(1, 0, 2, 3).reshape(num_boxes, -1).max(dim=1)
         level_index = index.permute(1, 0, 2, 3).reshape(num_boxes, -1).gather(1, flat[:, None])[:, 0]
         better = level_iou > best_iou  # strict: ties keep the earlier level, as argmax would
@@ -239,16 +236,6 @@ def _nearest_two(centres: Tensor, values: Tensor) -> Tensor:
     above = torch.searchsorted(centres.contiguous(), values[None].expand(centres.shape[0], -1).contiguous())
     last = centres.shape[1] - 1
     return torch.stack([(above - 1).clamp(0, last), above.clamp(0, last)], dim=-1)
-
-
-def _paired_iou(boxes_a: Tensor, boxes_b: Tensor) -> Tensor:
-    """IoU of corresponding xyxy boxes, (..., 4) and (..., 4) broadcast -> (...)."""
-    lower = torch.maximum(boxes_a[..., :2], boxes_b[..., :2])
-    upper = torch.minimum(boxes_a[..., 2:], boxes_b[..., 2:])
-    inter = (upper - lower).clamp(min=0).prod(dim=-1)
-    area_a = (boxes_a[..., 2] - boxes_a[..., 0]) * (boxes_a[..., 3] - boxes_a[..., 1])
-    area_b = (boxes_b[..., 2] - boxes_b[..., 0]) * (boxes_b[..., 3] - boxes_b[..., 1])
-    return inter / (area_a + area_b - inter)
 
 
 def level_names(strides: Sequence[int]) -> list[str]:
@@ -396,7 +383,6 @@ def format_candidates(ranked: Sequence[tuple[AnchorSetting, dict]], count: int =
                      f"{setting.anchors_per_location:>8}  "
                      f"{_fmt(setting.sizes)} x {_fmt(setting.octave_scales)} x {_fmt(setting.aspect_ratios)}")
     return "\n".join(lines)
-
 
 
 def _fmt(values: Sequence[float]) -> str:

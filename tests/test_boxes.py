@@ -1,8 +1,9 @@
 import math
 
+import numpy as np
 import torch
 
-from retinanet.boxes import BoxCoder, clip_boxes
+from retinanet.boxes import MIN_BOX_SIDE, BoxCoder, box_areas_valid, clip_boxes, padded_size
 
 
 def random_boxes(n, seed=0):
@@ -58,3 +59,19 @@ def test_pairwise_iou_equals_torchvision_box_iou():
     b = torch.cat([b, b + torch.rand(211, 2, generator=g) * 50], dim=1)
     b[:5] = a[:5]  # identical boxes: IoU exactly 1
     assert torch.equal(pairwise_iou(a, b), box_iou(a, b))
+
+
+def test_one_validity_rule_for_arrays_and_tensors():
+    # MIN_BOX_SIDE is compared in float32, as boxes are stored, whatever the dtype at hand
+    side = np.float32(MIN_BOX_SIDE)
+    boxes = np.array([[0, 0, side, 1], [0, 0, np.nextafter(side, 0), 1], [0, 0, 1, 0],
+                      [np.nan, 0, 1, 1], [0, 0, np.inf, 1]], np.float32)
+    for same in (boxes, boxes.astype(np.float64), torch.from_numpy(boxes)):
+        assert box_areas_valid(same, MIN_BOX_SIDE).tolist() == [True, False, False, False, False]
+        assert box_areas_valid(same).tolist() == [True, True, False, False, False]
+    assert box_areas_valid(boxes[0], MIN_BOX_SIDE)  # one box -> one bool
+
+
+def test_padded_size():
+    assert padded_size(100, 129, 128) == (128, 256)
+    assert padded_size(100, 129, 1) == padded_size(100, 129, 0) == (100, 129)

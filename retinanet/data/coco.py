@@ -18,7 +18,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from ..boxes import MIN_BOX_SIDE
+from ..boxes import MIN_BOX_SIDE, box_areas_valid
 from ..errors import DataError, MissingFileError
 
 logger = logging.getLogger(__name__)
@@ -61,8 +61,7 @@ def clipped_box(bbox, width: float, height: float) -> list[float] | None:
     with np.errstate(invalid="ignore", over="ignore"):
         # float32, as the boxes are stored and as the transform re-checks them
         box = np.float32([max(0.0, x), max(0.0, y), min(float(width), x + w), min(float(height), y + h)])
-        side = np.float32(MIN_BOX_SIDE)
-        if not (np.isfinite(box).all() and box[2] - box[0] >= side and box[3] - box[1] >= side):
+        if not box_areas_valid(box, MIN_BOX_SIDE):
             return None
     return box.tolist()
 

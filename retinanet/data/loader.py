@@ -1,7 +1,6 @@
 """Batching: pad images to a common size divisible by `size_divisibility` and stack them."""
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -11,6 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from ..boxes import padded_size
 from ..errors import ConfigError
 
 
@@ -34,15 +34,9 @@ class Batch:
 
 
 def pad_images(images: Sequence[Tensor], size_divisibility: int = 128) -> Tensor:
-    """[(3, h_i, w_i)] -> (B, 3, H, W), H and W the maxima rounded up to size_divisibility.
-
-    Padding to 128 (the P7 stride) keeps every level's grid exactly aligned with its stride.
-    """
-    height = max(img.shape[1] for img in images)
-    width = max(img.shape[2] for img in images)
-    if size_divisibility > 1:
-        height = int(math.ceil(height / size_divisibility) * size_divisibility)
-        width = int(math.ceil(width / size_divisibility) * size_divisibility)
+    """[(3, h_i, w_i)] -> (B, 3, H, W): the largest h_i and w_i, padded_size() to size_divisibility."""
+    height, width = padded_size(max(img.shape[1] for img in images), max(img.shape[2] for img in images),
+                                size_divisibility)
     batch = images[0].new_zeros(len(images), images[0].shape[0], height, width)
     for out, img in zip(batch, images):
         out[:, : img.shape[1], : img.shape[2]].copy_(img)

@@ -1,391 +1,51 @@
 """Built-in synthetic "shapes" detection dataset, written in COCO format.
 
-Each image shows 0..``max_objects`` non-overlapping filled shapes (circle, square,
-triangle, star, cross) on a varied background (solid colour, linear gradient,
-smooth noise, or thin-line clutter). The dataset is small, fast to generate and
-fully deterministic, which makes it a good smoke test for a detector: a working
-RetinaNet should reach a high mAP on it within minutes.
+Images are drawn by `shapes_render.render_image` (the shapes, backgrounds and box conventions
+are described there). The dataset is small, fast to generate and fully deterministic, which
+makes it a good smoke test for a detector: a working RetinaNet should reach a high mAP on it
+within minutes.
 
-Conventions
------------
-* Pixel coordinates are continuous: pixel ``(row i, col j)`` covers the square
-  ``[j, j + 1) x [i, i + 1)``; the image spans ``[0, W] x [0, H]``.
-* Boxes returned by :func:`render_image` are ``(x0, y0, x1, y1)`` floats in those
-  coordinates (xyxy, **no "+1"**: width is ``x1 - x0``). They are computed from the
-  exact shape geometry, so they are tight: every pixel touched by a shape
-  intersects its box, and the shape reaches every side of the box.
-* COCO annotations use ``bbox = [x0, y0, w, h]`` (same pixel convention, rounded to
-  2 decimals) and ``area = w * h``. Category ids are 1..5 in :data:`CLASS_NAMES`
-  order.
-* ``image_size`` is an int (square) or a ``(height, width)`` pair.
+COCO annotations use ``bbox = [x0, y0, w, h]`` (render_image's box, rounded to 2 decimals) and
+``area = w * h``. Category ids are 1..5 in :data:`CLASS_NAMES` order.
 
 Determinism: image ``k`` of a split is rendered from its own child seed of
 ``SeedSequence([seed, split_index])``, so the same arguments always give
 byte-identical PNG and JSON files, an image never depends on how many random
 numbers earlier images drew, and a larger split extends a smaller one.
 """
-
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
-__all__ = [
-    "CLASS_NAMES",
-    "BACKGROUNDS",
-    "generate_shapes_dataset",
-    "render_image",
-    "is_complete",
-]
+from .shapes_render import BACKGROUNDS, CLASS_NAMES, Box, ImageSize, parse_image_size, render_image
 
-CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
-BACKGROUNDS: tuple[str, ...] = ("solid", "gradient", "noise", "lines")
+__all__ = ["CLASS_NAMES", "BACKGROUNDS", "generate_shapes_dataset", "render_image", "is_complete"]
 
 # Bump when the rendering changes, so that `is_complete` rejects stale datasets.
 GENERATOR_VERSION = 1
 
 SPLITS: tuple[str, ...] = ("train", "val")
-SUPERSAMPLE = 4  # anti-aliasing: coverage is estimated from SUPERSAMPLE**2 samples per pixel
-EMPTY_IMAGE_PROB = 0.03  # some images without objects, to exercise pure negatives
-PLACEMENT_TRIES = 50
-MIN_GAP = 2.0  # px between boxes of different objects
-MIN_CONTRAST = 60.0  # mean |RGB difference| between a shape and its background
-COLOUR_TRIES = 100
 _OWN_PNG = re.compile(r"\d+\.png")  # file names this module writes
 
-ImageSize = Union[int, Sequence[int]]
-Box = tuple[float, float, float, float]
 Progress = Callable[[str, int, int], None]
 
 
-# --------------------------------------------------------------------------- #
-# Shape geometry (centred on the origin; extents give the tight box).
-# --------------------------------------------------------------------------- #
-
-
-def _regular_star(size: float, angle: float, inner_ratio: float = 0.45) -> np.ndarray:
-    """5-point star whose bounding box has max side `size`.
-
-    The inner ratio is fatter than a geometric pentagram (0.38) so that small stars
-    keep visible arms instead of collapsing into a pentagon-like blob.
-    """
-    k = np.arange(10)
-    radius = np.where(k % 2 == 0, 1.0, inner_ratio)
-    theta = angle + k * math.pi / 5
-    pts = np.stack([radius * np.sin(theta), -radius * np.cos(theta)], axis=1)
-    return _scale_to_size(pts, size)
-
-
-def _triangle(size: float, direction: int) -> np.ndarray:
-    """Equilateral triangle pointing up/right/down/left (direction 0..3), max side `size`."""
-    half, h = size / 2, size * math.sqrt(3) / 2
-    pts = np.array([[-half, h / 2], [half, h / 2], [0.0, -h / 2]])  # apex up (y grows down)
-    for _ in range(direction):  # quarter turns keep the shape axis-aligned-ish and tight
-        pts = np.stack([-pts[:, 1], pts[:, 0]], axis=1)
-    return pts
-
-
-def _square(size: float) -> np.ndarray:
-    half = size / 2
-    return np.array([[-half, -half], [half, -half], [half, half], [-half, half]])
-
-
-def _cross(size: float) -> np.ndarray:
-    """Plus sign with arm thickness size / 3 (12-vertex polygon)."""
-    a, t = size / 2, size / 6
-    return np.array(
-        [[-t, -a], [t, -a], [t, -t], [a, -t], [a, t], [t, t],
-         [t, a], [-t, a], [-t, t], [-a, t], [-a, -t], [-t, -t]]
-    )
-
-
-def _scale_to_size(pts: np.ndarray, size: float) -> np.ndarray:
-    """Centre the polygon's box on the origin and scale its larger side to `size`."""
-    lo, hi = pts.min(axis=0), pts.max(axis=0)
-    return (pts - (lo + hi) / 2) * (size / float((hi - lo).max()))
-
-
-def _make_shape(rng: np.random.Generator, name: str, size: float) -> dict:
-    """Geometry of one shape centred on the origin: a polygon or a circle radius."""
-    if name == "circle":
-        return {"kind": "circle", "radius": size / 2}
-    if name == "square":
-        pts = _square(size)
-    elif name == "triangle":
-        pts = _triangle(size, int(rng.integers(4)))
-    elif name == "star":
-        pts = _regular_star(size, float(rng.uniform(0, 2 * math.pi / 5)))
-    elif name == "cross":
-        pts = _cross(size)
-    else:  # pragma: no cover - guarded by CLASS_NAMES
-        raise ValueError(f"unknown shape {name!r}")
-    return {"kind": "polygon", "points": pts}
-
-
-def _shape_extent(shape: dict) -> Box:
-    """Tight (x0, y0, x1, y1) extent of an origin-centred shape."""
-    if shape["kind"] == "circle":
-        r = shape["radius"]
-        return (-r, -r, r, r)
-    lo, hi = shape["points"].min(axis=0), shape["points"].max(axis=0)
-    return (float(lo[0]), float(lo[1]), float(hi[0]), float(hi[1]))
-
-
-# --------------------------------------------------------------------------- #
-# Rasterisation
-# --------------------------------------------------------------------------- #
-
-
-def _coverage(shape: dict, centre: tuple[float, float], window: tuple[int, int, int, int]) -> np.ndarray:
-    """Anti-aliased coverage in [0, 1] of a shape over the pixel window (x0, y0, x1, y1).
-
-    Coverage is the fraction of SUPERSAMPLE x SUPERSAMPLE sample points (at sub-pixel
-    centres) inside the shape. We test points exactly instead of drawing with
-    ImageDraw on an upscaled canvas: Pillow truncates float vertices and fills
-    inclusively, which would bias edges by up to one canvas pixel and make the
-    geometric boxes less tight. Exact sampling guarantees that every pixel with
-    non-zero coverage intersects the shape, hence lies inside the box.
-    """
-    wx0, wy0, wx1, wy1 = window
-    s = SUPERSAMPLE
-    xs = wx0 + (np.arange((wx1 - wx0) * s) + 0.5) / s - centre[0]
-    ys = wy0 + (np.arange((wy1 - wy0) * s) + 0.5) / s - centre[1]
-    if shape["kind"] == "circle":
-        inside = xs[None, :] ** 2 + ys[:, None] ** 2 <= shape["radius"] ** 2
-    else:
-        inside = _points_in_polygon(shape["points"], xs, ys)
-    h, w = wy1 - wy0, wx1 - wx0
-    return inside.reshape(h, s, w, s).mean(axis=(1, 3))
-
-
-def _points_in_polygon(poly: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
-    """Even-odd test of the grid xs x ys against a simple polygon -> (len(ys), len(xs)) bool."""
-    inside = np.zeros((len(ys), len(xs)), dtype=bool)
-    for (xa, ya), (xb, yb) in zip(poly, np.roll(poly, -1, axis=0)):
-        if ya == yb:
-            continue  # horizontal edges never cross a scanline under the half-open rule
-        crosses = (ya > ys) != (yb > ys)  # per row: does this edge span the scanline?
-        x_cross = xa + (ys - ya) * (xb - xa) / (yb - ya)
-        inside ^= crosses[:, None] & (xs[None, :] < x_cross[:, None])
-    return inside
-
-
-def _composite(canvas: np.ndarray, alpha: np.ndarray, colour: np.ndarray, window) -> None:
-    """Alpha-blend a flat colour into canvas[window] in place."""
-    x0, y0, x1, y1 = window
-    region = canvas[y0:y1, x0:x1]
-    region += alpha[..., None] * (colour[None, None, :] - region)
-
-
-# --------------------------------------------------------------------------- #
-# Backgrounds: each returns (background, reference) float32 (H, W, 3) arrays.
-# The reference is what shape colours must contrast with (clutter lines are thin
-# and ignored there, otherwise a line crossing a box would dominate the check).
-# --------------------------------------------------------------------------- #
-
-
-def _random_colour(rng: np.random.Generator) -> np.ndarray:
-    return rng.integers(0, 256, size=3).astype(np.float32)
-
-
-def _bg_solid(rng, h, w):
-    bg = np.broadcast_to(_random_colour(rng), (h, w, 3)).astype(np.float32)
-    return bg, bg
-
-
-def _bg_gradient(rng, h, w):
-    c0, c1 = _random_colour(rng), _random_colour(rng)
-    angle = rng.uniform(0, 2 * math.pi)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32) + 0.5
-    proj = xx * math.cos(angle) + yy * math.sin(angle)
-    t = (proj - proj.min()) / max(float(proj.max() - proj.min()), 1e-6)
-    bg = c0 + t[..., None] * (c1 - c0)
-    return bg.astype(np.float32), bg.astype(np.float32)
-
-
-def _bg_noise(rng, h, w):
-    """Smooth colour noise: a tiny random grid around a base colour, upsampled bicubically."""
-    gh, gw = int(rng.integers(3, 9)), int(rng.integers(3, 9))
-    grid = _random_colour(rng) + rng.normal(0.0, 45.0, size=(gh, gw, 3))
-    small = Image.fromarray(np.clip(np.rint(grid), 0, 255).astype(np.uint8), "RGB")
-    bg = np.asarray(small.resize((w, h), Image.BICUBIC), dtype=np.float32)
-    return bg, bg
-
-
-def _bg_lines(rng, h, w):
-    base = _random_colour(rng)
-    img = Image.new("RGB", (w, h), tuple(int(c) for c in base))
-    draw = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(4, 13))):
-        # Endpoints may fall outside the image so lines cross it at any position.
-        x0, x1 = rng.uniform(-0.2 * w, 1.2 * w, size=2)
-        y0, y1 = rng.uniform(-0.2 * h, 1.2 * h, size=2)
-        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
-        draw.line([(x0, y0), (x1, y1)], fill=colour, width=int(rng.integers(1, 3)))
-    ref = np.broadcast_to(base, (h, w, 3)).astype(np.float32)
-    return np.asarray(img, dtype=np.float32), ref
-
-
-_BACKGROUND_FNS = {"solid": _bg_solid, "gradient": _bg_gradient, "noise": _bg_noise, "lines": _bg_lines}
-
-
-# --------------------------------------------------------------------------- #
-# Layout and colours
-# --------------------------------------------------------------------------- #
-
-
-def _parse_image_size(image_size: ImageSize) -> tuple[int, int]:
-    """int -> (s, s); (h, w) -> (h, w). Validates positivity."""
-    if isinstance(image_size, (int, np.integer)):
-        h = w = int(image_size)
-    else:
-        h, w = (int(v) for v in image_size)
-    if h <= 0 or w <= 0:
-        raise ValueError(f"image_size must be positive, got {image_size!r}")
-    return h, w
-
-
-def _boxes_conflict(box: Box, others: list[Box], gap: float = MIN_GAP) -> bool:
-    """True if `box` intersects any of `others` expanded by `gap` px."""
-    x0, y0, x1, y1 = box
-    return any(
-        x0 < ox1 + gap and x1 > ox0 - gap and y0 < oy1 + gap and y1 > oy0 - gap
-        for ox0, oy0, ox1, oy1 in others
-    )
-
-
-def _place(rng, extent: Box, h: int, w: int, taken: list[Box]) -> Optional[tuple[float, float]]:
-    """Random sub-pixel centre keeping the box inside the image and clear of `taken`."""
-    ex0, ey0, ex1, ey1 = extent
-    for _ in range(PLACEMENT_TRIES):
-        cx = rng.uniform(-ex0, w - ex1)
-        cy = rng.uniform(-ey0, h - ey1)
-        if not _boxes_conflict((cx + ex0, cy + ey0, cx + ex1, cy + ey1), taken):
-            return cx, cy
-    return None
-
-
-def _contrast_samples(ref: np.ndarray, box: Box) -> np.ndarray:
-    """Reference background colours at the box centre and its four corners -> (5, 3)."""
-    h, w = ref.shape[:2]
-    x0, y0, x1, y1 = box
-    xs = [(x0 + x1) / 2, x0, x1, x0, x1]
-    ys = [(y0 + y1) / 2, y0, y0, y1, y1]
-    cols = np.clip(np.array(xs, dtype=int), 0, w - 1)
-    rows = np.clip(np.array(ys, dtype=int), 0, h - 1)
-    return ref[rows, cols]
-
-
-def _pick_colour(rng: np.random.Generator, samples: np.ndarray) -> np.ndarray:
-    """Random colour whose mean |RGB diff| to every background sample is >= MIN_CONTRAST.
-
-    Checking the corners too matters on gradients/noise, where the centre alone can
-    hide a low-contrast part of a large shape. Falls back to the colour opposite the
-    mean background, which always contrasts strongly with it.
-    """
-    for _ in range(COLOUR_TRIES):
-        colour = _random_colour(rng)
-        if np.abs(samples - colour).mean(axis=1).min() >= MIN_CONTRAST:
-            return colour
-    return np.where(samples.mean(axis=0) > 127.5, 0.0, 255.0).astype(np.float32)
-
-
-def _draw_num_objects(rng: np.random.Generator, max_objects: int) -> int:
-    if max_objects <= 0 or rng.random() < EMPTY_IMAGE_PROB:
-        return 0
-    return int(rng.integers(1, max_objects + 1))
-
-
-# --------------------------------------------------------------------------- #
-# Public API
-# --------------------------------------------------------------------------- #
-
-
-def render_image(
-    rng: np.random.Generator,
-    *,
-    image_size: ImageSize,
-    min_size: float,
-    max_size: float,
-    max_objects: int,
-    background: Optional[str] = None,
-) -> tuple[np.ndarray, list[tuple[str, Box]]]:
-    """Render one image.
-
-    Args:
-        rng: source of all randomness for this image.
-        image_size: int (square) or (height, width).
-        min_size, max_size: range of the object size, i.e. the longer side of its
-            tight box, drawn log-uniformly. ``max_size`` is capped at the image's
-            shorter side so every object fits.
-        max_objects: upper bound on objects; ~3% of images are empty, the rest hold
-            1..max_objects objects (fewer if placement fails after 50 tries).
-        background: force one of :data:`BACKGROUNDS` (tests); None picks uniformly.
-
-    Returns:
-        ``(image, objects)``: an (H, W, 3) uint8 RGB array and a list of
-        ``(class_name, (x0, y0, x1, y1))``: tight float boxes in pixels, xyxy, no +1
-        (width = x1 - x0), inside ``[0, W] x [0, H]``. Boxes are >= 2 px apart.
-    """
-    h, w = _parse_image_size(image_size)
-    max_size = min(float(max_size), float(min(h, w)))
-    if not 0 < min_size <= max_size:
-        raise ValueError(f"need 0 < min_size <= max_size <= min(H, W); got {min_size}, {max_size}, {(h, w)}")
-    if background is None:
-        background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
-    canvas, ref = _BACKGROUND_FNS[background](rng, h, w)
-    canvas = np.array(canvas, dtype=np.float32)  # writable copy
-
-    objects: list[tuple[str, Box]] = []
-    taken: list[Box] = []
-    for _ in range(_draw_num_objects(rng, max_objects)):
-        name = CLASS_NAMES[int(rng.integers(len(CLASS_NAMES)))]
-        size = float(math.exp(rng.uniform(math.log(min_size), math.log(max_size))))
-        shape = _make_shape(rng, name, size)
-        extent = _shape_extent(shape)
-        centre = _place(rng, extent, h, w, taken)
-        if centre is None:
-            continue  # crowded image: drop this object rather than overlap
-        cx, cy = centre
-        box = (
-            max(cx + extent[0], 0.0), max(cy + extent[1], 0.0),
-            min(cx + extent[2], float(w)), min(cy + extent[3], float(h)),
-        )  # clipping only guards against float round-off: placement keeps boxes inside
-        window = (int(math.floor(box[0])), int(math.floor(box[1])),
-                  int(math.ceil(box[2])), int(math.ceil(box[3])))
-        colour = _pick_colour(rng, _contrast_samples(ref, box))
-        _composite(canvas, _coverage(shape, centre, window), colour, window)
-        taken.append(box)
-        objects.append((name, box))
-
-    image = np.clip(np.rint(canvas), 0, 255).astype(np.uint8)
-    return image, objects
-
-
-def _normalize_params(
-    *, num_train=2000, num_val=200, image_size=128, min_size=8, max_size=64, max_objects=6, seed=0
-) -> dict:
+def _normalize_params(*, num_train=2000, num_val=200, image_size=128, min_size=8, max_size=64,
+                      max_objects=6, seed=0) -> dict:
     """All generation parameters in canonical, JSON-comparable form."""
-    h, w = _parse_image_size(image_size)
+    h, w = parse_image_size(image_size)
     if int(seed) < 0:
         raise ValueError("seed must be non-negative")
-    return {
-        "generator_version": GENERATOR_VERSION,
-        "num_train": int(num_train),
-        "num_val": int(num_val),
-        "image_size": [h, w],
-        "min_size": float(min_size),
-        "max_size": float(max_size),
-        "max_objects": int(max_objects),
-        "seed": int(seed),
-    }
+    return {"generator_version": GENERATOR_VERSION, "num_train": int(num_train), "num_val": int(num_val),
+            "image_size": [h, w], "min_size": float(min_size), "max_size": float(max_size),
+            "max_objects": int(max_objects), "seed": int(seed)}
 
 
 def _file_name(index: int, count: int) -> str:
@@ -395,33 +55,17 @@ def _file_name(index: int, count: int) -> str:
 def _annotation(ann_id: int, image_id: int, name: str, box: Box) -> dict:
     x0, y0, x1, y1 = (round(float(v), 2) for v in box)
     bw, bh = round(x1 - x0, 2), round(y1 - y0, 2)
-    return {
-        "id": ann_id,
-        "image_id": image_id,
-        "category_id": CLASS_NAMES.index(name) + 1,
-        "bbox": [x0, y0, bw, bh],
-        "area": round(bw * bh, 2),
-        "iscrowd": 0,
-    }
+    return {"id": ann_id, "image_id": image_id, "category_id": CLASS_NAMES.index(name) + 1,
+            "bbox": [x0, y0, bw, bh], "area": round(bw * bh, 2), "iscrowd": 0}
 
 
 def _coco_header(split: str) -> dict:
-    return {
-        "info": {
-            "description": f"RetinaNet synthetic shapes dataset ({split} split)",
-            "version": f"{GENERATOR_VERSION}.0",
-            "year": 2024,
-            "contributor": "retinanet.data.shapes",
-            "url": "",
-            "date_created": "2024-01-01",  # fixed: output must be byte-identical across runs
-        },
-        "licenses": [],
-        "images": [],
-        "annotations": [],
-        "categories": [
-            {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASS_NAMES)
-        ],
-    }
+    info = {"description": f"RetinaNet synthetic shapes dataset ({split} split)",
+            "version": f"{GENERATOR_VERSION}.0", "year": 2024, "contributor": "retinanet.data.shapes",
+            "url": "", "date_created": "2024-01-01"}  # fixed: output must be byte-identical across runs
+    return {"info": info, "licenses": [], "images": [], "annotations": [],
+            "categories": [{"id": i + 1, "name": name, "supercategory": "shape"}
+                           for i, name in enumerate(CLASS_NAMES)]}
 
 
 def _clear_split_dir(split_dir: Path) -> None:
@@ -441,13 +85,9 @@ def _generate_split(out_dir: Path, split: str, split_index: int, num: int, param
     children = np.random.SeedSequence([params["seed"], split_index]).spawn(num)
     for i, child in enumerate(children):
         image_id = i + 1
-        image, objects = render_image(
-            np.random.default_rng(child),
-            image_size=(h, w),
-            min_size=params["min_size"],
-            max_size=params["max_size"],
-            max_objects=params["max_objects"],
-        )
+        image, objects = render_image(np.random.default_rng(child), image_size=(h, w),
+                                      min_size=params["min_size"], max_size=params["max_size"],
+                                      max_objects=params["max_objects"])
         file_name = _file_name(image_id, num)
         Image.fromarray(image, "RGB").save(split_dir / file_name, format="PNG")
         coco["images"].append({"id": image_id, "file_name": file_name, "width": w, "height": h})
@@ -463,18 +103,9 @@ def _generate_split(out_dir: Path, split: str, split_index: int, num: int, param
     return json_path
 
 
-def generate_shapes_dataset(
-    out_dir: Union[str, os.PathLike],
-    *,
-    num_train: int = 2000,
-    num_val: int = 200,
-    image_size: ImageSize = 128,
-    min_size: float = 8,
-    max_size: float = 64,
-    max_objects: int = 6,
-    seed: int = 0,
-    progress: Optional[Progress] = None,
-) -> dict:
+def generate_shapes_dataset(out_dir: Union[str, os.PathLike], *, num_train: int = 2000, num_val: int = 200,
+                            image_size: ImageSize = 128, min_size: float = 8, max_size: float = 64,
+                            max_objects: int = 6, seed: int = 0, progress: Optional[Progress] = None) -> dict:
     """Generate (or regenerate) the dataset under ``out_dir``.
 
     Writes ``out_dir/{train,val}/NNNNNN.png``, ``out_dir/annotations/instances_{train,val}.json``

@@ -22,14 +22,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from ..boxes import MIN_BOX_SIDE  # noqa: E402
-
-
-def resize_scale(height: int, width: int, min_size: int, max_size: int) -> float:
-    """The scale that brings the shorter side to min_size unless the longer side would then pass
-    max_size (then the longer side is max_size): detectron2's and torchvision's rule, shared by
-    training, evaluation and anchor analysis."""
-    return min(min_size / min(height, width), max_size / max(height, width))
+from ..boxes import MIN_BOX_SIDE, box_areas_valid, resize_scale  # noqa: E402
 
 
 class ResizeShortestEdge(MaxSizeTransform):
@@ -86,8 +79,7 @@ class DetectionTransform:
         height, width = sample["image"].shape[:2]
         # Clip first: float round-off just past the edge makes albumentations raise.
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4).clip(0, [width, height, width, height])
-        empty = ~((boxes[:, 2] - boxes[:, 0] >= np.float32(MIN_BOX_SIDE))
-                  & (boxes[:, 3] - boxes[:, 1] >= np.float32(MIN_BOX_SIDE)))
+        empty = ~box_areas_valid(boxes, MIN_BOX_SIDE)
         if empty.any():
             raise ValueError(f"image {sample.get('image_id')}: box {boxes[empty][0].tolist()} is under "
                              f"{MIN_BOX_SIDE} px wide or high inside the {width}x{height} image; drop "
@@ -101,7 +93,7 @@ class DetectionTransform:
                                f"{len(out_boxes)} boxes and {len(out_labels)} labels")
         # albumentations keeps boxes clipped to zero area (min_area is inclusive): drop them here,
         # with their labels, so that only boxes with an extent reach the matcher.
-        nonempty = (out_boxes[:, 2] > out_boxes[:, 0]) & (out_boxes[:, 3] > out_boxes[:, 1])
+        nonempty = box_areas_valid(out_boxes)
         out_boxes, out_labels = torch.as_tensor(out_boxes[nonempty]), torch.as_tensor(out_labels[nonempty])
         return {"image": image, "boxes": out_boxes, "labels": out_labels,
                 "image_id": sample["image_id"], "orig_size": tuple(sample["orig_size"]),

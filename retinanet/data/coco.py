@@ -9,17 +9,16 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 from pathlib import Path
 from typing import Callable, Optional
 
-import cv2
 import numpy as np
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
 from ..boxes import MIN_BOX_SIDE, box_areas_valid
 from ..errors import DataError, MissingFileError
+from .images import decode_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +63,6 @@ def clipped_box(bbox, width: float, height: float) -> list[float] | None:
         if not box_areas_valid(box, MIN_BOX_SIDE):
             return None
     return box.tolist()
-
-
-def decode_rgb(path: str | Path) -> np.ndarray | None:
-    """An image file -> RGB uint8 (H, W, 3) as training sees it (cv2: EXIF orientation applied,
-    grey and 16-bit images made 8-bit colour), or None when it is missing or cannot be decoded."""
-    path = Path(path)
-    image = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR) if path.is_file() else None
-    return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def label_mapping(coco: COCO, mode: str = "contiguous") -> tuple[dict[int, int], list[str]]:

@@ -175,8 +175,20 @@ class LossConfig:
 
 @dataclass
 class DatasetConfig:
-    images: str = ""  # image folder
-    annotations: str = ""  # COCO instances json
+    # Image folder. coco: the folder the json's file_name values are relative to; voc:
+    # `JPEGImages` (or the folder holding images and XML files side by side); yolo:
+    # `images/<split>` (subfolders too).
+    images: str = ""
+    # coco: the instances json. voc: the `Annotations` folder (every XML file), the VOC root
+    # holding it, `ImageSets/Main/<split>.txt` (the ids listed) or a folder of XML files beside
+    # the images. yolo: the `data.yaml` (labels where ultralytics looks: the images path with its
+    # last `images` folder replaced by `labels`) or the labels folder (class names from
+    # data.classes or a `data.yaml` one or two folders above it). Layouts: docs/your-data.md.
+    annotations: str = ""
+    # auto: from what `annotations` names: a `.json` is coco; a `.yaml`, or a folder of `.txt`
+    # labels (or one named `labels`), is yolo; a folder with `.xml` files or an `Annotations`
+    # folder, or an `ImageSets/Main` list, is voc.
+    format: Literal["auto", "coco", "voc", "yolo"] = "auto"
 
 
 @dataclass
@@ -216,6 +228,11 @@ class DataConfig:
     # unused ones named "N/A"), the convention of torchvision's COCO models (91 outputs).
     label_map: Literal["contiguous", "category_id"] = "contiguous"
     num_workers: int = 2  # DataLoader worker processes (0: load in the main process)
+    # Class names of voc and yolo datasets, in label order (category id i + 1 is the i-th). voc:
+    # the set and order of classes (an object of another name is an error naming its file and
+    # line); null: the names found in the XML files, sorted. yolo: the names when no data.yaml
+    # is found (with one, they must equal its names). Not for coco: the json names its categories.
+    classes: Optional[list[str]] = None
 
 
 @dataclass
@@ -389,6 +406,9 @@ def validate(config: Config) -> None:
     check(len(config.data.mean) == 3 and len(config.data.std) == 3, "data.mean",
           "mean and std need 3 values (RGB)")
     check(all(s > 0 for s in config.data.std), "data.std", "must be positive")
+    classes = config.data.classes
+    check(classes is None or (classes and all(classes) and len(set(classes)) == len(classes)),
+          "data.classes", f"need distinct non-empty names (or null), got {classes}")
 
 
 def _read_with_bases(path: Path, seen: tuple[Path, ...]) -> dict:

@@ -1,4 +1,5 @@
-"""retinanet.data.checks and tools/check_dataset.py on a hostile and on clean COCO datasets."""
+"""retinanet.data.checks and tools/check_dataset.py on a hostile and on clean COCO datasets, and on
+VOC / YOLO datasets read into COCO (their entries named by file and line)."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 
 from hostile import make_hostile_coco
@@ -177,3 +180,57 @@ def test_checker_flags_exactly_the_boxes_training_drops(clean, tmp_path):
     assert list(report.issue("box_outside_image").first_ids) == [9003]
     dataset = CocoDetection(clean / "train", path)
     assert dataset.report_dropped() == 2
+
+
+def test_an_in_memory_dict_is_checked_as_its_file(clean):
+    path = clean / "annotations" / "instances_val.json"
+    from_file = check_coco_dataset(clean / "val", path)
+    in_memory = check_coco_dataset(clean / "val", path, dataset=json.loads(path.read_text()))
+    assert in_memory.errors == from_file.errors and in_memory.warnings == from_file.warnings
+    assert in_memory.num_annotations == from_file.num_annotations
+    assert check_coco_dataset(clean / "val", path, dataset=[]).issue("not_coco_instances") is not None
+
+
+def test_entries_with_a_source_are_named_by_file_and_line(tmp_path):
+    """VOC / YOLO readers give each entry the file (and line) it came from; the report names
+    those instead of ids, and lists the readers' own problems with them."""
+    (tmp_path / "a.png").write_bytes(b"")
+    data = {"info": {}, "categories": [{"id": 1, "name": "a"}],
+            "images": [{"id": 1, "file_name": "a.png", "width": 10, "height": 10, "source": "a.png"},
+                       {"id": 2, "file_name": "b.png", "width": 10, "height": 10, "source": "b.xml"}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [8, 0, 5, 5],
+                             "area": 25, "iscrowd": 0, "source": "a.txt:2"}]}
+    problems = [("bad_label_line", "a.txt:1", "4 fields"), ("bad_label_line", "a.txt:3", "not numbers")]
+    report = check_coco_dataset(tmp_path, tmp_path / "labels", read_images=False, dataset=data,
+                                problems=problems)
+    assert report.issue("bad_label_line").first_ids == ("a.txt:1 (4 fields)", "a.txt:3 (not numbers)")
+    assert "2 label line(s) that are not 5 numbers 'class cx cy w h' (at a.txt:1 (4 fields), " \
+           "a.txt:3 (not numbers)) -- " in str(report.issue("bad_label_line"))
+    assert report.issue("image_missing").first_ids == ("b.xml",)
+    assert report.issue("image_without_annotations").first_ids == ("b.xml",)
+    assert "(at a.txt:2)" in str(report.issue("box_outside_image"))
+
+
+def test_tool_takes_voc_and_yolo(tmp_path):
+    voc = tmp_path / "voc"
+    voc.mkdir()
+    cv2.imwrite(str(voc / "a.png"), np.zeros((20, 40, 3), np.uint8))
+    (voc / "a.xml").write_text("<annotation><object><name>cat</name><bndbox><xmin>1</xmin>"
+                               "<ymin>1</ymin><xmax>9</xmax><ymax>9</ymax></bndbox></object></annotation>")
+    result = run_tool("--images", voc, "--annotations", voc)
+    assert result.returncode == 0 and "OK: no errors" in result.stdout, result.stderr
+    result = run_tool("--images", voc, "--annotations", voc, "--format", "voc", "--classes", "dog")
+    assert result.returncode == 1
+    assert f"ERROR  unknown_class: 1 VOC object(s) whose name is not in data.classes (at {voc / 'a.xml'}:1 " \
+           in result.stdout
+
+    yolo = tmp_path / "yolo"
+    (yolo / "images" / "train").mkdir(parents=True)
+    (yolo / "labels" / "train").mkdir(parents=True)
+    cv2.imwrite(str(yolo / "images" / "train" / "a.png"), np.zeros((20, 40, 3), np.uint8))
+    (yolo / "labels" / "train" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n0 0.5 0.5\n")
+    (yolo / "data.yaml").write_text("names: [cat]\n")
+    result = run_tool("--images", yolo / "images" / "train", "--annotations", yolo / "data.yaml")
+    assert result.returncode == 1
+    assert f"(at {yolo / 'labels' / 'train' / 'a.txt'}:2 (3 fields, need 5" in result.stdout
+    assert "FAILED: 1 error(s)" in result.stdout

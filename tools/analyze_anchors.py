@@ -1,7 +1,8 @@
 """How well a config's anchors cover its dataset's boxes:
 
     python tools/analyze_anchors.py --config configs/X.yaml [--split train|val] [--max-images N]
-                                    [--target 0.9] [--json FILE] [key=value ...]
+                                    [--target 0.9] [--json FILE] [--format auto|coco|voc|yolo]
+                                    [key=value ...]
 
 A box is covered when its best anchor has IoU >= model.matcher.fg_iou. Boxes are measured in the
 resized image, as the model sees them: scale = min(min_size / shorter side, max_size / longer
@@ -12,7 +13,8 @@ data.size_divisibility. Prints coverage and median best IoU for all boxes, per C
 bucket (small < 32^2, medium < 96^2, large) and per pyramid level (the level of each box's best
 anchor). When a bucket is below --target, scores variations of the anchors (base sizes x 0.5 to
 x 2, 3 or 4 octave scales, aspect ratios from the boxes' own quantiles) on the same boxes and
-prints the best as config overrides. Exit code 2: bad config or dataset path.
+prints the best as config overrides. The dataset may be in any format data.<split>.format reads
+(--format overrides it). Exit code 2: bad config, dataset path or annotations.
 """
 from __future__ import annotations
 
@@ -37,6 +39,8 @@ def main() -> int:
     parser.add_argument("--target", type=float, default=0.9,
                         help="coverage a size bucket should reach; below it a suggestion is searched")
     parser.add_argument("--json", default=None, help="also write the numbers to this json file")
+    parser.add_argument("--format", choices=["auto", "coco", "voc", "yolo"], default=None,
+                        help="dataset format (default: data.<split>.format of the config)")
     args = parser.parse_args()
     from retinanet.config import load_config
 
@@ -47,17 +51,18 @@ def main() -> int:
     if not split.images or not split.annotations:
         raise ConfigError(f"{key}.images and {key}.annotations must be set in the config")
     # Checked before importing torch (seconds): a wrong path should fail at once.
-    if not Path(split.annotations).is_file():
+    if not Path(split.annotations).exists():
         raise MissingFileError(f"annotation file not found: {split.annotations} ({key}.annotations)")
     if not Path(split.images).is_dir():
         raise MissingFileError(f"image folder not found: {split.images} ({key}.images)")
     import torch
 
     from retinanet import analysis
-    from retinanet.data import CocoDetection
+    from retinanet.data import CocoDetection, load_dataset
 
+    coco = load_dataset(split.images, split.annotations, args.format or split.format, data.classes)
     dataset = CocoDetection(split.images, split.annotations, label_map=data.label_map,
-                            skip_bad_images=data.skip_bad_images)
+                            skip_bad_images=data.skip_bad_images, dataset=coco)
     dataset.report_dropped()  # degenerate boxes are left out, as in training: say how many
     image_ids = dataset.image_ids
     if args.max_images and args.max_images < len(image_ids):

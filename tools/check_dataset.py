@@ -1,8 +1,10 @@
-"""Check a COCO-format dataset before training:
+"""Check a dataset (COCO, Pascal VOC or YOLO) before training:
 
-    python tools/check_dataset.py --images DIR --annotations FILE [--no-read]
+    python tools/check_dataset.py --images DIR --annotations PATH [--no-read]
+                                  [--format auto|coco|voc|yolo] [--classes NAME ...]
 
-Prints one line per problem (errors, then warnings) with counts and the first offending ids.
+Prints one line per problem (errors, then warnings) with counts and the first offending ids
+(for VOC and YOLO: the first files and lines).
 Exit code 0: no errors (warnings allowed); 1: errors found; 2: usage error (a path that does not
 exist, a bad argument).
 """
@@ -22,20 +24,27 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", required=True,
-                        help="folder that the json's file_name values are relative to")
-    parser.add_argument("--annotations", required=True, help="COCO instances json")
+                        help="image folder (data.<split>.images)")
+    parser.add_argument("--annotations", required=True,
+                        help="COCO json, VOC Annotations folder or ImageSets list, YOLO data.yaml "
+                             "or labels folder (data.<split>.annotations)")
+    parser.add_argument("--format", choices=["auto", "coco", "voc", "yolo"], default="auto",
+                        help="dataset format (default auto: from what --annotations names)")
+    parser.add_argument("--classes", nargs="+", default=None, metavar="NAME",
+                        help="class names in label order (data.classes)")
     parser.add_argument("--no-read", action="store_true",
                         help="only check that image files exist; do not decode them (fast on COCO train)")
     args = parser.parse_args()
     # A wrong path is a usage error (exit 2), not a finding about the dataset.
     annotations, images = Path(args.annotations), Path(args.images)
-    if not annotations.is_file():
+    if not annotations.exists():
         raise MissingFileError(f"annotation file not found: {annotations} (check --annotations)")
     if not images.is_dir():
         raise MissingFileError(f"image folder not found: {images} (check --images)")
     # Imported only now: retinanet.data imports torch (seconds); a usage error should be instant.
-    from retinanet.data.checks import check_coco_dataset
-    report = check_coco_dataset(images, annotations, read_images=not args.no_read)
+    from retinanet.data.formats import check_dataset
+    report = check_dataset(images, annotations, format=args.format, classes=args.classes,
+                           read_images=not args.no_read)
     print(report.format())
     return 0 if report.ok else 1
 

@@ -1,4 +1,6 @@
 """Checks a COCO instances dataset before training: `check_coco_dataset(images_dir, annotations)`.
+VOC and YOLO datasets are checked as the COCO dict they are read into (retinanet.data.formats),
+their readers' problems and the entries they made named by file and line.
 
 The raw json is read with plain `json`, not pycocotools: `COCO()` crashes on some of these errors
 and silently merges others (duplicate ids overwrite each other in its index dicts). Each problem
@@ -32,6 +34,18 @@ CHECKS: dict[str, tuple[str, str, str]] = {
                                  "nothing can be loaded; fix or regenerate the file"),
     "not_coco_instances": ("error", "not a COCO instances json: missing or non-list key(s)",
                            "the top level needs 'images', 'annotations' and 'categories' lists"),
+    # Problems of the VOC and YOLO readers (retinanet.data.voc, retinanet.data.yolo): training stops.
+    "xml_malformed": ("error", "annotation file(s) that are not well-formed XML", "fix or regenerate them"),
+    "listed_file_missing": ("error", "image set line(s) naming an id without an XML file",
+                            "add the file or remove the line"),
+    "bad_voc_object": ("error", "VOC object(s) without a <name> or 4 numeric <bndbox> corners", "fix them"),
+    "unknown_class": ("error", "VOC object(s) whose name is not in data.classes",
+                      "add the name to data.classes (--classes) or fix it"),
+    "bad_label_line": ("error", "label line(s) that are not 5 numbers 'class cx cy w h'", "fix the lines"),
+    "class_out_of_range": ("error", "label line(s) whose class index has no name",
+                           "fix the index or add the name to data.yaml"),
+    "label_without_image": ("error", "label file(s) without an image of the same name",
+                            "their boxes would be lost; add the image or remove the file"),
     "images_dir_missing": ("error", "image folder not found",
                            "check the path (--images); image files were not checked"),
     "bad_image_entry": ("error", "image entry(ies) without an int/str 'id', a 'file_name' or a "
@@ -80,6 +94,10 @@ CHECKS: dict[str, tuple[str, str, str]] = {
     "unused_category": ("warning", "category(ies) with no annotation",
                         "the model still gets an output for them; remove them if unintended"),
 }
+
+
+class Where(str):
+    """A place in a source file ("labels/a.txt:3"), named by the report instead of an id."""
 
 
 @dataclass(frozen=True)
@@ -161,23 +179,31 @@ class _Findings:
                 message += f": {self.details[check]}"
             if first:
                 more = ", ..." if len(ids) > MAX_IDS else ""
-                message += f" (first ids: {', '.join(str(i) for i in first)}{more})"
+                label = "at" if all(isinstance(i, Where) for i in first) else "first ids:"
+                message += f" ({label} {', '.join(str(i) for i in first)}{more})"
             issue = Issue(check, severity, count, first, f"{message} -- {advice}")
             (errors if severity == "error" else warnings).append(issue)
         return errors, warnings
 
 
 def check_coco_dataset(images_dir: str | os.PathLike, annotations: str | os.PathLike, *,
-                       read_images: bool = True) -> DatasetReport:
+                       read_images: bool = True, dataset: dict | None = None,
+                       problems: Iterable[tuple[str, str, str]] = ()) -> DatasetReport:
     """Checks a COCO instances json and its image folder; never raises on bad data.
 
     read_images: decode every image with cv2 (as training does) to find unreadable or truncated
     files and sizes that disagree with the json; False only checks that the files exist (reading
     all of COCO train2017 takes minutes).
+    dataset: the COCO dict already in memory (a VOC or YOLO dataset read by retinanet.data.formats)
+    instead of the json file `annotations`; entries with a "source" are named by it, not their id.
+    problems: (check, where, detail) found while reading it, reported with the rest.
     """
     report = DatasetReport(Path(images_dir), Path(annotations), read_images)
     findings = _Findings()
-    data = report.dataset = _load_json(report.annotations, findings)
+    for check, where, detail in problems:
+        findings.add(check, [Where(f"{where} ({detail})" if detail else where)])
+    data = report.dataset = _load_json(report.annotations, findings) if dataset is None else \
+        _coco_lists(dataset, report.annotations, findings)
     if data is not None:
         images, anns, cats = data["images"], data["annotations"], data["categories"]
         report.num_images, report.num_annotations = len(images), len(anns)
@@ -185,8 +211,8 @@ def check_coco_dataset(images_dir: str | os.PathLike, annotations: str | os.Path
         if "info" not in data:
             findings.add("missing_info")
         cat_ids = _check_categories(cats, findings)
-        image_sizes = _check_images(images, report.images_dir, read_images, findings)
-        _check_annotations(anns, image_sizes, cat_ids, findings)
+        image_sizes, image_refs = _check_images(images, report.images_dir, read_images, findings)
+        _check_annotations(anns, image_sizes, image_refs, cat_ids, findings)
     report.errors, report.warnings = findings.issues()
     return report
 
@@ -202,6 +228,11 @@ def _load_json(path: Path, findings: _Findings) -> dict | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         findings.add("annotation_file_not_json", detail=f"{path} ({error})")
         return None
+    return _coco_lists(data, path, findings)
+
+
+def _coco_lists(data: Any, path: Path, findings: _Findings) -> dict | None:
+    """`data` when it has the lists of a COCO instances file, else None (with the reason recorded)."""
     if not isinstance(data, dict):
         findings.add("not_coco_instances", detail=f"{path} holds a {type(data).__name__}, not an object")
         return None
@@ -220,6 +251,12 @@ def _entry_id(entry: Any) -> Hashable | None:
     return value if isinstance(value, (int, str)) and not isinstance(value, bool) else None
 
 
+def _ref(entry: Any, fallback: Hashable) -> Hashable:
+    """How the report names an entry: its "source" (file and line of a VOC / YOLO dataset) or `fallback`."""
+    source = entry.get("source") if isinstance(entry, dict) else None
+    return Where(source) if isinstance(source, str) else fallback
+
+
 def _duplicates(ids: list) -> list:
     """Ids occurring more than once, each listed once, in order of first appearance."""
     counts = Counter(ids)
@@ -235,17 +272,20 @@ def _check_categories(cats: list, findings: _Findings) -> dict:
 
 
 def _check_images(images: list, images_dir: Path, read_images: bool,
-                  findings: _Findings) -> dict[Hashable, tuple[float, float]]:
-    """-> {image id: (width, height) from the json}; records image-level problems."""
+                  findings: _Findings) -> tuple[dict[Hashable, tuple[float, float]], dict]:
+    """-> ({image id: (width, height) from the json}, {image id: how the report names it});
+    records image-level problems."""
     sizes: dict[Hashable, tuple[float, float]] = {}
+    refs: dict = {}
     seen: list = []
     dir_ok = images_dir.is_dir()
     if not dir_ok:
         findings.add("images_dir_missing", detail=str(images_dir))
     for index, image in enumerate(images):
         image_id = _entry_id(image)
+        ref = refs[image_id] = _ref(image, image_id if image_id is not None else f"#{index}")
         if image_id is None or not _positive_size(image) or not isinstance(image.get("file_name"), str):
-            findings.add("bad_image_entry", [image_id if image_id is not None else f"#{index}"])
+            findings.add("bad_image_entry", [ref])
             if image_id is not None:
                 seen.append(image_id)
                 sizes.setdefault(image_id, (math.inf, math.inf))  # annotations still find it
@@ -256,12 +296,12 @@ def _check_images(images: list, images_dir: Path, read_images: bool,
             continue
         path = images_dir / image["file_name"]
         if not path.is_file():
-            findings.add("image_missing", [image_id])
+            findings.add("image_missing", [ref])
         elif read_images:
-            _check_image_file(path, image_id, sizes[image_id], findings)
+            _check_image_file(path, ref, sizes[image_id], findings)
     if dups := _duplicates(seen):
         findings.add("duplicate_image_id", dups)
-    return sizes
+    return sizes, refs
 
 
 def _positive_size(image: dict) -> bool:
@@ -296,14 +336,15 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_annotations(anns: list, image_sizes: dict, cat_ids: dict, findings: _Findings) -> None:
+def _check_annotations(anns: list, image_sizes: dict, image_refs: dict, cat_ids: dict,
+                       findings: _Findings) -> None:
     """Records annotation-level problems. Counts annotations per category into `cat_ids` and
     reports the images that no annotation refers to."""
     ann_ids: list = []
     annotated: set = set()
     for index, ann in enumerate(anns):
         ann_id = _entry_id(ann)
-        ref = ann_id if ann_id is not None else f"#{index}"  # how the report names it
+        ref = _ref(ann, ann_id if ann_id is not None else f"#{index}")  # how the report names it
         if ann_id is None or "image_id" not in ann or "category_id" not in ann:
             findings.add("bad_annotation_entry", [ref])
             if not isinstance(ann, dict):
@@ -340,7 +381,7 @@ def _check_annotations(anns: list, image_sizes: dict, cat_ids: dict, findings: _
     if dups := _duplicates(ann_ids):
         findings.add("duplicate_annotation_id", dups)
     if without := [i for i in dict.fromkeys(image_sizes) if i not in annotated]:
-        findings.add("image_without_annotations", without)
+        findings.add("image_without_annotations", [image_refs.get(i, i) for i in without])
     if unused := [c for c, n in cat_ids.items() if n == 0]:
         findings.add("unused_category", unused)
 

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from retinanet.data import CocoDetection
 from retinanet.data.images import decode_rgb, image_size
+from retinanet.errors import DataError
 
 BACKGROUND, MARK = (20, 40, 200), (220, 30, 10)  # far apart in every channel and in grey
 HEIGHT, WIDTH = 48, 64
@@ -80,3 +82,42 @@ def test_unreadable_files_are_none_and_size_raises(tmp_path):
         assert decode_rgb(tmp_path / name) is None
     with pytest.raises(OSError):
         image_size(tmp_path / "text.jpg")
+
+
+def _coco(folder, files, sizes) -> dict:
+    """A COCO document with one box on the mark of each file, in the upright picture."""
+    x0, y0, x1, y1 = MARK_BOX
+    return {"images": [{"id": i + 1, "file_name": f.name, "height": h, "width": w}
+                       for i, (f, (h, w)) in enumerate(zip(files, sizes))],
+            "annotations": [{"id": i + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
+                             "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0)}
+                            for i in range(len(files))],
+            "categories": [{"id": 1, "name": "mark"}]}
+
+
+def test_dataset_reads_every_kind_with_its_box(tmp_path):
+    files, expected = zip(*(write(kind, tmp_path) for kind in KINDS))
+    dataset = CocoDetection(tmp_path, tmp_path / "a.json",
+                            dataset=_coco(tmp_path, files, [image_size(f) for f in files]))
+    for index, truth in enumerate(expected):
+        sample = dataset[index]
+        assert sample["image"].shape == (HEIGHT, WIDTH, 3)
+        x0, y0, x1, y1 = sample["boxes"][0].astype(int)
+        mark = sample["image"][y0:y1, x0:x1].astype(int)
+        # the box covers the mark: its pixels are nearer the mark's colour (as this kind stores
+        # it: grey for the grey file) than the background's
+        mark_colour, background = truth[y0, x0].astype(int), truth[0, 0].astype(int)
+        assert (np.abs(mark - mark_colour).sum(-1) < np.abs(mark - background).sum(-1)).all()
+
+
+def test_json_size_of_the_stored_pixels_is_an_error(tmp_path, caplog):
+    """An EXIF-rotated JPEG listed with its stored (sideways) size: training on it would put the
+    boxes in the wrong place, so it is refused, naming the file and both sizes."""
+    path, _ = write("exif_rotated.jpg", tmp_path)
+    document = _coco(tmp_path, [path], [(WIDTH, HEIGHT)])  # stored pixels: 48 wide, 64 high
+    with pytest.raises(DataError, match=r"exif_rotated\.jpg .*64x48 upright .* json says 48x64"):
+        CocoDetection(tmp_path, tmp_path / "a.json", dataset=document)[0]
+    skipping = CocoDetection(tmp_path, tmp_path / "a.json", dataset=document, skip_bad_images=True,
+                             replace_bad_images=False)
+    assert skipping[0] == {"image_id": 1, "unreadable": str(path)}
+    assert "json says 48x64" in caplog.text

@@ -129,6 +129,7 @@ class CocoDetection(Dataset):
                 raise DataError(f"{self.annotations_file}: none of the image files exist under "
                                 f"{self.images_dir}")
         self._dropped: list[int] = []  # ids of degenerate annotations left out
+        self._size_mismatch: set[int] = set()  # ids of images whose file is not the json's size
         self._targets = {i: self._load_targets(i) for i in self.image_ids}
 
     @property
@@ -185,13 +186,27 @@ class CocoDetection(Dataset):
         return self.images_dir / self.coco.imgs[image_id]["file_name"]
 
     def read_image(self, image_id: int) -> np.ndarray:
-        path = self.image_path(image_id)
-        image = decode_rgb(path)
+        """The upright RGB image; MissingFileError when it cannot be decoded, DataError when its
+        size is not the json's (its boxes would sit in the wrong place)."""
+        image, problem = self._decode(image_id)
         if image is None:
-            raise MissingFileError(f"cannot read image {path} (image id {image_id} of "
-                                   f"{self.annotations_file}): missing, not an image or truncated; "
-                                   "replace the file, or set data.skip_bad_images=true to skip it")
+            error = DataError if image_id in self._size_mismatch else MissingFileError
+            raise error(f"cannot read image {self.image_path(image_id)} (image id {image_id} of "
+                        f"{self.annotations_file}): {problem}; replace the file, or set "
+                        "data.skip_bad_images=true to skip it")
         return image
+
+    def _decode(self, image_id: int) -> tuple[Optional[np.ndarray], str]:
+        """(image, "") or (None, what is wrong with the file)."""
+        image = decode_rgb(self.image_path(image_id))
+        if image is None:
+            return None, "missing, not an image or truncated"
+        info = self.coco.imgs[image_id]
+        if image.shape[:2] != (info["height"], info["width"]):
+            self._size_mismatch.add(image_id)
+            return None, (f"it is {image.shape[1]}x{image.shape[0]} upright (EXIF orientation "
+                          f"applied) but the json says {info['width']}x{info['height']}")
+        return image, ""
 
     def __getitem__(self, index: int) -> dict:
         image_id = self.image_ids[index]
@@ -199,19 +214,20 @@ class CocoDetection(Dataset):
             try:
                 image = self.read_image(image_id)
                 break
-            except MissingFileError:
+            except (MissingFileError, DataError):
                 if not self.skip_bad_images:
                     raise
                 self.skipped_images.append(image_id)
                 path = self.image_path(image_id)
+                problem = self._decode(image_id)[1]
                 if not self.replace_bad_images:
-                    logger.warning("cannot read image %s (image id %d of %s): left out of the "
+                    logger.warning("cannot read image %s (image id %d of %s: %s): left out of the "
                                    "evaluation (data.skip_bad_images is true)", path, image_id,
-                                   self.annotations_file)
+                                   self.annotations_file, problem)
                     return {"image_id": image_id, "unreadable": str(path)}
-                logger.warning("cannot read image %s (image id %d of %s): using the next image "
+                logger.warning("cannot read image %s (image id %d of %s: %s): using the next image "
                                "instead (data.skip_bad_images is true; %d skipped in this process "
-                               "so far)", path, image_id, self.annotations_file,
+                               "so far)", path, image_id, self.annotations_file, problem,
                                len(self.skipped_images))
                 image_id = self.image_ids[(index + attempt + 1) % len(self.image_ids)]
         else:

@@ -38,7 +38,7 @@ class Detector:
         if compile and winograd and self.device.type == "cpu":
             # only the compiled graph computes by Winograd: the eager module (fallback, export)
             # still runs its convolutions directly, bit for bit (see model/winograd.py)
-            use_winograd(self.model)
+            self.model = use_winograd(self.model)
         # compile: torch.compile with inductor's weight freezing (weights prepacked once, bias /
         # ReLU / residual adds fused into the convolutions). The weights become constants of the
         # compiled graph, so this is for a model that no longer changes (from_config);
@@ -80,7 +80,7 @@ class Detector:
                             else "cpu" if cfg.train.device == "auto" else cfg.train.device)
         model.eval()
         if cfg.model.fold_batchnorm:  # this model is only ever used for inference
-            fold_batchnorm(model)
+            model = fold_batchnorm(model)
         return cls(model.to(device), transform=build_transform(cfg.data, train=False),
                    postprocessor=build_postprocessor(cfg, build_box_coder(cfg)),
                    size_divisibility=cfg.data.size_divisibility, class_names=class_names,

@@ -1,8 +1,12 @@
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
 
+from retinanet.model.fold import fold_batchnorm, fuse_frozen_batchnorm
 from retinanet.model.winograd import WinogradConv2d, use_winograd, winograd_conv3x3
 
 from numerics import U32, U64, assert_within, network_rtol, network_shape
@@ -53,7 +57,8 @@ def _net() -> nn.Sequential:
 def test_use_winograd_converts_3x3_stride_1_convolutions_and_leaves_eager_results_alone():
     net, reference = _net(), _net()
     x = torch.randn(2, 3, 9, 10)
-    assert use_winograd(net) == 2
+    net = use_winograd(net)  # a new module: count what it converted
+    assert sum(type(m) is WinogradConv2d for m in net.modules()) == 2
     assert [type(m) is WinogradConv2d for m in net if isinstance(m, nn.Conv2d)] == [True, False, False, True, False]
     assert net.state_dict().keys() == reference.state_dict().keys()
     with torch.no_grad():
@@ -70,7 +75,7 @@ def test_compiled_graph_computes_by_winograd():
         return gm.forward
 
     net, reference = _net(), _net().double()
-    use_winograd(net)
+    net = use_winograd(net)
     x = torch.randn(2, 3, 9, 10)
     torch._dynamo.reset()
     with torch.no_grad():
@@ -81,3 +86,19 @@ def test_compiled_graph_computes_by_winograd():
     assert sum("conv2d" in t for t in targets) == 3
     # float32, two convolutions by Winograd, against the direct network in float64: rounding only
     assert_within(got, want, network_rtol(*network_shape(reference)), "output")
+
+
+def test_module_transforms_return_new_modules_and_leave_theirs_alone():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), FrozenBatchNorm2d(8), nn.ReLU())
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1)
+    fused = fuse_frozen_batchnorm(net)
+    pairs = [(net, copy.deepcopy(net)), (fused, copy.deepcopy(fused))]
+    for transform in (use_winograd, fuse_frozen_batchnorm, fold_batchnorm):
+        for module, original in pairs:
+            new = transform(module)
+            assert not any(a is b for a, b in zip(new.modules(), module.modules()))
+            assert [type(m) for m in module.modules()] == [type(m) for m in original.modules()]
+            assert all(torch.equal(a, b) for a, b in zip(module.state_dict().values(),
+                                                         original.state_dict().values()))
+    assert type(fold_batchnorm(fused)[0]) is nn.Conv2d and type(use_winograd(net)[0]) is WinogradConv2d

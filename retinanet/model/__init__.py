@@ -28,7 +28,7 @@ def build_model(cfg: ModelConfig, num_classes: int, *, load_backbone_weights: bo
     if cfg.backbone.weights and load_backbone_weights:
         backbone.load_torchvision_weights(cfg.backbone.weights)
     if cfg.fold_batchnorm:  # FrozenBN applied inside its convolution: same results, fewer passes
-        fuse_frozen_batchnorm(backbone)
+        backbone = fuse_frozen_batchnorm(backbone)
     anchors = build_anchor_generator(cfg.anchors)
     fpn = FPN(in_channels=backbone.out_channels, channels=cfg.fpn.channels, p6_from=cfg.fpn.p6_from)
     head = RetinaHead(channels=cfg.fpn.channels, num_anchors=anchors.num_anchors,

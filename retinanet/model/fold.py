@@ -5,15 +5,28 @@ eps): an affine map per channel, which the preceding convolution can absorb (W' 
 b' = (b - mean) s + beta). That removes a multiply and an add over every activation it
 normalised, and in training the multiply of the backward pass too.
 
-- fold_batchnorm: once, for inference (about 15 % of ResNet-50-FPN inference on CPU).
+- fold_batchnorm: once, for inference.
 - fuse_frozen_batchnorm: for training, W s is recomputed from the trainable W at every call (the
   same algebra: gradients and checkpoints are unchanged).
+Both return a new module (deep copy, convolutions and norms replaced) and leave theirs alone.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import Tensor, nn
 from torchvision.ops import FrozenBatchNorm2d
+
+
+def conv_like(conv: nn.Conv2d, cls: type[nn.Conv2d] = nn.Conv2d, **kwargs) -> nn.Conv2d:
+    """A new `cls` with the settings, mode and very parameters of `conv` (built on the meta
+    device, so that no weights are initialised and the random stream is left as it was)."""
+    new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+              padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+              bias=conv.bias is not None, padding_mode=conv.padding_mode, device="meta", **kwargs)
+    new.weight, new.bias = conv.weight, conv.bias
+    return new.train(conv.training)
 
 
 def _is_frozen_norm(module: nn.Module) -> bool:
@@ -24,8 +37,13 @@ def _is_frozen_norm(module: nn.Module) -> bool:
 
 
 class _PassThroughFrozenBN(FrozenBatchNorm2d):
-    """A FrozenBatchNorm2d whose convolution applies it: keeps its buffers (and their checkpoint
-    names) but passes activations through."""
+    """A FrozenBatchNorm2d whose convolution applies it: holds the buffers of `norm` (under their
+    checkpoint names) but passes activations through."""
+
+    def __init__(self, *, norm: FrozenBatchNorm2d):
+        super().__init__(norm.weight.shape[0], eps=norm.eps)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            setattr(self, name, getattr(norm, name))
 
     def forward(self, x: Tensor) -> Tensor:
         return x
@@ -34,8 +52,13 @@ class _PassThroughFrozenBN(FrozenBatchNorm2d):
 class _ConvFrozenBN(nn.Conv2d):
     """A Conv2d that applies the FrozenBatchNorm2d after it by scaling its weights per call."""
 
+    def __init__(self, *args, norm: _PassThroughFrozenBN, **kwargs):
+        super().__init__(*args, **kwargs)
+        # a reference, not a child: the norm stays in its place, and so do its checkpoint keys
+        self.frozen_norm = (norm,)
+
     def forward(self, x: Tensor) -> Tensor:
-        norm = self.__dict__["_frozen_norm"]  # not a submodule: its buffers stay where they were
+        norm = self.frozen_norm[0]
         scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
         bias = norm.bias - norm.running_mean * scale
         if self.bias is not None:
@@ -43,17 +66,17 @@ class _ConvFrozenBN(nn.Conv2d):
         return self._conv_forward(x, self.weight * scale.reshape(-1, 1, 1, 1), bias)
 
 
-def fuse_frozen_batchnorm(model: nn.Module) -> int:
-    """Makes every (Conv2d, FrozenBatchNorm2d) pair (see fold_batchnorm) compute as one
-    convolution with the norm folded into its weights at each call, in place, for training:
-    parameters, buffers and state-dict keys stay as they are. Returns the number of pairs."""
-    fused = 0
-    for parent, conv, norm_name, norm in _conv_norm_pairs(model):
+def fuse_frozen_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of `model` in which every (Conv2d, FrozenBatchNorm2d) pair (see fold_batchnorm)
+    computes as one convolution with the norm folded into its weights at each call, for
+    training: parameters, buffers and state-dict keys stay as they are."""
+    model = copy.deepcopy(model)
+    for parent, conv_name, conv, norm_name, norm in list(_conv_norm_pairs(model)):
         if type(norm) is FrozenBatchNorm2d and type(conv) is nn.Conv2d:
-            conv.__class__, norm.__class__ = _ConvFrozenBN, _PassThroughFrozenBN
-            conv.__dict__["_frozen_norm"] = norm
-            fused += 1
-    return fused
+            norm = _PassThroughFrozenBN(norm=norm)
+            setattr(parent, norm_name, norm)
+            setattr(parent, conv_name, conv_like(conv, _ConvFrozenBN, norm=norm))
+    return model
 
 
 @torch.no_grad()
@@ -69,13 +92,10 @@ def _fold(conv: nn.Conv2d, norm: nn.Module) -> None:
         conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype), requires_grad=False)
     else:
         conv.bias.copy_(new_bias.to(conv.bias.dtype))
-    if isinstance(conv, _ConvFrozenBN):  # the norm is in the weights now: a plain convolution
-        conv.__class__ = nn.Conv2d
-        del conv.__dict__["_frozen_norm"]
 
 
 def _conv_norm_pairs(model: nn.Module):
-    """(parent, conv, norm attribute name, norm) for every norm directly after a Conv2d, in
+    """(parent, conv name, conv, norm name, norm) for every norm directly after a Conv2d, in
     torchvision's ResNet layout: siblings `convN` / `bnN`, or consecutive nn.Sequential entries."""
     for parent in list(model.modules()):
         children = dict(parent.named_children())
@@ -88,17 +108,18 @@ def _conv_norm_pairs(model: nn.Module):
             if isinstance(conv, nn.Conv2d) and conv.groups == 1 and norm is not None and \
                     isinstance(norm, (FrozenBatchNorm2d, nn.BatchNorm2d)) and \
                     norm.weight.shape[0] == conv.out_channels:
-                yield parent, conv, norm_name, norm
+                yield parent, conv_name, conv, norm_name, norm
 
 
-def fold_batchnorm(model: nn.Module) -> int:
-    """Folds every frozen / eval-mode BatchNorm2d that directly follows a Conv2d into it, in
-    place, and replaces the norm by nn.Identity (see _conv_norm_pairs for "follows"). For
-    inference only. Returns the number of norms folded."""
-    folded = 0
-    for parent, conv, norm_name, norm in list(_conv_norm_pairs(model)):
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of `model` in which every frozen / eval-mode BatchNorm2d that directly follows a
+    Conv2d (see _conv_norm_pairs) is folded into it and replaced by nn.Identity. For inference."""
+    model = copy.deepcopy(model)
+    for parent, conv_name, conv, norm_name, norm in list(_conv_norm_pairs(model)):
         if _is_frozen_norm(norm):
-            _fold(conv, norm)
+            if isinstance(conv, _ConvFrozenBN):  # the norm goes into the weights: a plain convolution
+                conv = conv_like(conv)
+                setattr(parent, conv_name, conv)
+            _fold(conv, norm)  # in the copy's own parameters
             setattr(parent, norm_name, nn.Identity())
-            folded += 1
-    return folded
+    return model

@@ -3,24 +3,25 @@
 A 3 x 3 convolution (stride 1, padding 1) computes each 2 x 2 output tile from a 4 x 4 input
 tile. Winograd's minimal filtering does that with 16 multiplies a channel pair instead of 36:
 Y = A^T [(G g G^T) * (B^T d B)] A, the sum over input channels turning the 16 element-wise
-products into 16 independent matrix products (tiles x C_in) @ (C_in x C_out). That is 2.25x
-fewer multiply-adds, for a transform of the input (4x the activations, adds only) and of the
-output. oneDNN has no float32 Winograd on x86 and torch's NNPACK is slower than oneDNN's direct
-convolution, so R50-FPN (its head alone about 60 % of the multiply-adds at 512 x 512) ran at
-the CPU's matrix-product ceiling; this is the way below it.
+products into 16 independent matrix products (tiles x C_in) @ (C_in x C_out): 2.25x fewer
+multiply-adds, for a transform of the input (4x the activations, adds only) and of the output.
+oneDNN has no float32 Winograd on x86, so this is the way below the direct convolution's count.
 
-The transforms pay only when fused into single loops, which is what inductor makes of them
-(eager torch, one op at a time, measured no faster than the direct convolution), so
+The transforms pay only when fused into single loops, which is what inductor makes of them, so
 `WinogradConv2d` computes this way only inside torch.compile; run eagerly it is the ordinary
 convolution, bit for bit. Under inductor's weight freezing, the weight transform G g G^T is
 folded into a constant at compile time. Results match the direct convolution to float32
-rounding (about 1e-6 relative; the transforms' matrices have entries 0, +-1 and +-1/2).
+rounding (the transforms' matrices have entries 0, +-1 and +-1/2).
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .fold import conv_like
 
 # G: the filter transform (4 x 3). B^T and A^T are applied below as explicit adds.
 _G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
@@ -82,12 +83,12 @@ def _eligible(conv: nn.Module) -> bool:
         and conv.padding_mode == "zeros"
 
 
-def use_winograd(module: nn.Module) -> int:
-    """Turns every 3 x 3, stride 1, padding 1 nn.Conv2d inside `module` into a WinogradConv2d, in
-    place (parameters and state-dict keys unchanged). Returns how many."""
-    converted = 0
-    for conv in module.modules():
-        if _eligible(conv):
-            conv.__class__ = WinogradConv2d
-            converted += 1
-    return converted
+def use_winograd(module: nn.Module) -> nn.Module:
+    """A copy of `module` in which every 3 x 3, stride 1, padding 1 nn.Conv2d is a WinogradConv2d
+    (parameters and state-dict keys unchanged)."""
+    module = copy.deepcopy(module)
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if _eligible(child):
+                setattr(parent, name, conv_like(child, WinogradConv2d))
+    return module

@@ -32,7 +32,9 @@ class BackboneConfig:
     norm_eps: float = 1e-5  # epsilon of the backbone's normalisation (torchvision's v1 COCO weights: 0)
     # Stages frozen from the input side: 0 = none, 1 = stem, 2 = stem + res2, ... 5 = all.
     freeze_at: int = 2
-    # Local path of a torchvision ImageNet ResNet state dict; None = random init. Never downloaded.
+    # torchvision ImageNet ResNet weights: a path (an existing file or a name ending in .pth / .pt),
+    # or a torchvision name (ResNet50_Weights.IMAGENET1K_V1, or IMAGENET1K_V1 for this depth: a name
+    # for another depth is an error) downloaded once into $TORCH_HOME/hub/checkpoints; None = random.
     weights: Optional[str] = None
 
 
@@ -127,9 +129,11 @@ class ModelConfig:
     # (docs/benchmarks.md): for a fixed input size, not for evaluation at many. No effect
     # eagerly or on CUDA (cuDNN picks its own algorithms).
     winograd: bool = False
-    # Initial weights of the whole model for fine-tuning (a checkpoint of ours, or one converted by
-    # tools/convert_torchvision.py). Parameters whose shape differs (the classifier, when the class
-    # count changes) keep their fresh initialisation, and are listed in the log.
+    # Initial weights of the whole model for fine-tuning: a checkpoint path (ours, or one converted
+    # by tools/convert_torchvision.py), or torchvision's RetinaNet_ResNet50_FPN_Weights.COCO_V1 /
+    # RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1 (downloaded, converted in memory; they need the
+    # configs/torchvision/* architecture). Every tensor must fit, except the classifier: it keeps its
+    # fresh initialisation when the class count differs, and the log says so.
     weights: Optional[str] = None
 
 

@@ -8,6 +8,7 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from retinanet.config import ModelConfig
 from retinanet.model import FPN, ResNetBackbone, RetinaHead, build_model
+from retinanet.weights import load_imagenet_weights
 
 from numerics import U64, assert_within, network_rtol, network_shape
 
@@ -77,7 +78,7 @@ def test_load_torchvision_imagenet_weights(tmp_path):
     path = tmp_path / "resnet18.pth"
     torch.save(reference.state_dict(), path)
     backbone = ResNetBackbone(depth=18, norm="frozen_bn", freeze_at=0)
-    backbone.load_torchvision_weights(path)
+    load_imagenet_weights(backbone, path, depth=18)
     assert torch.equal(backbone.stem[0].weight, reference.conv1.weight)
     assert torch.equal(backbone.stem[1].running_mean, reference.bn1.running_mean)
     assert torch.equal(backbone.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
@@ -94,9 +95,9 @@ def test_load_wrong_weights_is_clear(tmp_path):
     path = tmp_path / "r18.pth"
     torch.save(resnet18(weights=None).state_dict(), path)
     with pytest.raises(ValueError, match=r"r18\.pth.*ResNet-50"):
-        ResNetBackbone(depth=50).load_torchvision_weights(path)
+        load_imagenet_weights(ResNetBackbone(depth=50), path, depth=50)
     with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
-        ResNetBackbone(depth=18).load_torchvision_weights(tmp_path / "missing.pth")
+        load_imagenet_weights(ResNetBackbone(depth=18), tmp_path / "missing.pth", depth=18)
 
 
 def _shake_norms(model: torch.nn.Module) -> None:

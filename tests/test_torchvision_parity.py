@@ -24,9 +24,9 @@ from torchvision.ops import FrozenBatchNorm2d
 from retinanet import Detector
 from retinanet.data import Collate, EvalTransform
 from retinanet.config import load_config
+from retinanet.errors import CheckpointError as ConversionError
 from retinanet.model import build_model
-from retinanet.model.convert import (ConversionError, check_against, convert_torchvision_state,
-                                     unwrap_state_dict)
+from retinanet.weights import check_against, convert_torchvision_state, unwrap_state_dict
 
 from conftest import REPO_ROOT
 from numerics import assert_detections_agree, rounding_box_tol

@@ -7,6 +7,7 @@
 loads into configs/torchvision/retinanet_resnet50_fpn[_v2].yaml (tools/eval.py --weights, or
 model.weights=... to fine-tune). --src is a bare state dict or a dict holding one under "model".
 Every key and shape is checked against the model that config builds; any mismatch is an error.
+model.weights=RetinaNet_ResNet50_FPN_Weights.COCO_V1 (or _V2_) does the same in memory.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from retinanet.cli import run_cli  # noqa: E402
-from retinanet.errors import CheckpointError, MissingFileError  # noqa: E402
+from retinanet.errors import CheckpointError  # noqa: E402
 
 CONFIGS = {"v1": ROOT / "configs/torchvision/retinanet_resnet50_fpn.yaml",
            "v2": ROOT / "configs/torchvision/retinanet_resnet50_fpn_v2.yaml"}
@@ -30,23 +31,13 @@ def main() -> int:
     parser.add_argument("--dst", required=True, help="where to write the converted weights")
     parser.add_argument("--arch", required=True, choices=sorted(CONFIGS))
     args = parser.parse_args()
-    import torch
-
     from retinanet.config import load_config
     from retinanet.engine.checkpoint import atomic_save
     from retinanet.model import build_model
-    from retinanet.model.convert import (ConversionError, check_against, convert_torchvision_state,
-                                         num_classes_of, unwrap_state_dict)
+    from retinanet.weights import (check_against, convert_torchvision_state, load_checkpoint,
+                                   num_classes_of, unwrap_state_dict)
 
-    src = Path(args.src)
-    if not src.is_file():
-        raise MissingFileError(f"--src {src} not found")
-    try:
-        loaded = torch.load(src, map_location="cpu", weights_only=True)
-    except Exception as error:  # any unpickling failure: say which file and why, no traceback
-        raise CheckpointError(f"{src}: cannot be read as a torch checkpoint "
-                              f"({type(error).__name__}: "
-                              f"{str(error).splitlines()[0] if str(error) else ''})") from None
+    loaded = load_checkpoint(args.src)
     try:
         state = unwrap_state_dict(loaded)
         num_classes = num_classes_of(state)
@@ -54,10 +45,9 @@ def main() -> int:
         config = load_config(CONFIGS[args.arch], [f"model.num_classes={num_classes}"])
         model = build_model(config.model, num_classes, load_backbone_weights=False)
         check_against(converted, model.state_dict(), args.arch)
-    except ConversionError as error:
-        raise CheckpointError(f"{src}: {error}") from None
-    model.load_state_dict(converted, strict=False)  # proves it loads; the file keeps the tensors as read
-    atomic_save({"model": converted, "converted_from": str(src), "arch": args.arch,
+    except CheckpointError as error:
+        raise CheckpointError(f"{args.src}: {error}") from None
+    atomic_save({"model": converted, "converted_from": args.src, "arch": args.arch,
                  "num_classes": num_classes}, args.dst)
     print(f"wrote {args.dst}: torchvision RetinaNet {args.arch}, {num_classes} classes, "
           f"{len(converted)} tensors; use it with {CONFIGS[args.arch].relative_to(ROOT)}")

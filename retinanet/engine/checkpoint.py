@@ -19,7 +19,7 @@ import torch
 
 from ..config import Config, config_to_yaml
 from ..errors import CheckpointError, MissingFileError
-from ..weights import load_checkpoint, load_model_weights, model_state  # noqa: F401  (re-exported)
+from ..weights import load_checkpoint, load_model_weights  # noqa: F401  (re-exported)
 
 FORMAT = "retinanet-checkpoint"
 VERSION = 2

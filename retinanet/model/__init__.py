@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..config import AnchorConfig, ModelConfig
+from ..weights import load_imagenet_weights
 from .anchors import AnchorGenerator
 from .backbone import ResNetBackbone
 from .fold import fuse_frozen_batchnorm
@@ -26,7 +27,7 @@ def build_model(cfg: ModelConfig, num_classes: int, *, load_backbone_weights: bo
     backbone = ResNetBackbone(depth=cfg.backbone.depth, norm=cfg.backbone.norm,
                               norm_eps=cfg.backbone.norm_eps, freeze_at=cfg.backbone.freeze_at)
     if cfg.backbone.weights and load_backbone_weights:
-        backbone.load_torchvision_weights(cfg.backbone.weights)
+        load_imagenet_weights(backbone, cfg.backbone.weights, depth=cfg.backbone.depth)
     if cfg.fold_batchnorm:  # FrozenBN applied inside its convolution: same results, fewer passes
         backbone = fuse_frozen_batchnorm(backbone)
     anchors = build_anchor_generator(cfg.anchors)

@@ -1,26 +1,19 @@
-"""Loading weights: the one place that reads a weights or checkpoint file, resolves a torchvision
-weights name, maps torchvision's key names onto ours and checks every key before loading.
+"""Loading weights, the one place: reading a file safely (`torch.load(weights_only=True)`: tensors
+and plain data only, so that what a user hands us cannot run code), resolving a torchvision
+weights name (downloaded once into torch's hub cache, $TORCH_HOME/hub/checkpoints, as torch.hub
+does: the file named as its URL, whose `-0676ba61` sha256 prefix is checked on download), mapping
+torchvision's keys onto ours, and loading only when every key fits (each missing, unexpected or
+reshaped key named).
 
-- Files are read with `torch.load(weights_only=True)` (tensors and plain data only), so that
-  reading what a user hands us (--weights, model.weights, --resume) cannot run code.
-- A source is a path (an existing file, or anything ending in .pth / .pt) or a torchvision
-  weights name (`ResNet50_Weights.IMAGENET1K_V1`, `RetinaNet_ResNet50_FPN_Weights.COCO_V1`),
-  downloaded once into torch's hub cache ($TORCH_HOME/hub/checkpoints) as torch.hub does it:
-  the file named as the URL, its sha256 prefix (the `-0676ba61` of the name) checked on download.
-- A state dict loads only when every key is present on both sides with the same shape; each
-  missing, unexpected or reshaped key is named (BatchNorm's step counters aside).
-
-torchvision names                                    ours
-conv1 / bn1 (backbone.body. in a RetinaNet)          stem.0 / stem.1 (backbone.)
-layerN, fc                                           layerN, dropped
-backbone.fpn.inner_blocks.i[.0]                      fpn.lateral.i
-backbone.fpn.layer_blocks.i[.0]                      fpn.output.i
-backbone.fpn.extra_blocks.p6 / p7                    fpn.p6 / p7
-head.classification_head.conv.i.0 (.1 = GroupNorm)   head.cls_subnet.<conv> (<conv + 1> = GroupNorm)
-head.classification_head.cls_logits                  head.cls_score
-head.regression_head.conv / bbox_reg                 head.box_subnet / box_pred
-Both of torchvision's RetinaNet layouts are read: the current one (Conv2dNormActivation, "conv.i.0")
-and the one its published v1 checkpoint was saved in ("conv.{2i}" for conv i, "inner_blocks.i").
+torchvision RetinaNet (ResNet: without "backbone.body.")   ours
+backbone.body.conv1 / bn1 / layerN (fc: dropped)             backbone.stem.0 / stem.1 / layerN
+backbone.fpn.inner_blocks.i[.0] / layer_blocks.i[.0]         fpn.lateral.i / fpn.output.i
+backbone.fpn.extra_blocks.p6 / p7                            fpn.p6 / p7
+head.classification_head.conv.i.0 (.1 = GroupNorm)           head.cls_subnet.<conv> (<conv + 1> = GroupNorm)
+head.classification_head.cls_logits                          head.cls_score
+head.regression_head.conv / bbox_reg                         head.box_subnet / box_pred
+Both RetinaNet layouts are read: the current one ("conv.i.0") and the one of its published v1
+checkpoint ("conv.{2i}" for conv i, "inner_blocks.i").
 """
 from __future__ import annotations
 

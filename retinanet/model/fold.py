@@ -2,13 +2,10 @@
 
 A frozen (or eval-mode) BatchNorm is y = x * s + (beta - mean * s) with s = gamma / sqrt(var +
 eps): an affine map per channel, which the preceding convolution can absorb (W' = W s,
-b' = (b - mean) s + beta). That removes a multiply and an add over every activation it
-normalised, and in training the multiply of the backward pass too.
-
-- fold_batchnorm: once, for inference.
-- fuse_frozen_batchnorm: for training, W s is recomputed from the trainable W at every call (the
-  same algebra: gradients and checkpoints are unchanged).
-Both return a new module (deep copy, convolutions and norms replaced) and leave theirs alone.
+b' = (b - mean) s + beta), saving a multiply and an add over every activation it normalised.
+fold_batchnorm does it once, for inference; fuse_frozen_batchnorm, for training, recomputes W s
+from the trainable W at every call (same algebra: gradients and checkpoints are unchanged). Both
+return a new module (a deep copy with convolutions and norms replaced) and leave theirs alone.
 """
 from __future__ import annotations
 
@@ -20,8 +17,8 @@ from torchvision.ops import FrozenBatchNorm2d
 
 
 def conv_like(conv: nn.Conv2d, cls: type[nn.Conv2d] = nn.Conv2d, **kwargs) -> nn.Conv2d:
-    """A new `cls` with the settings, mode and very parameters of `conv` (built on the meta
-    device, so that no weights are initialised and the random stream is left as it was)."""
+    """A new `cls` holding the settings, mode and parameters of `conv` (built on the meta device:
+    no weights initialised, the random stream left as it was)."""
     new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
               padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
               bias=conv.bias is not None, padding_mode=conv.padding_mode, device="meta", **kwargs)
@@ -80,7 +77,7 @@ def fuse_frozen_batchnorm(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def _fold(conv: nn.Conv2d, norm: nn.Module) -> None:
+def _fold(conv: nn.Conv2d, norm: nn.Module) -> nn.Conv2d:
     # float64 for the arithmetic: the folded weights then differ from the two-step result only
     # by the final rounding
     eps = norm.eps
@@ -92,6 +89,7 @@ def _fold(conv: nn.Conv2d, norm: nn.Module) -> None:
         conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype), requires_grad=False)
     else:
         conv.bias.copy_(new_bias.to(conv.bias.dtype))
+    return conv
 
 
 def _conv_norm_pairs(model: nn.Module):
@@ -116,10 +114,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     Conv2d (see _conv_norm_pairs) is folded into it and replaced by nn.Identity. For inference."""
     model = copy.deepcopy(model)
     for parent, conv_name, conv, norm_name, norm in list(_conv_norm_pairs(model)):
-        if _is_frozen_norm(norm):
-            if isinstance(conv, _ConvFrozenBN):  # the norm goes into the weights: a plain convolution
-                conv = conv_like(conv)
-                setattr(parent, conv_name, conv)
-            _fold(conv, norm)  # in the copy's own parameters
+        if _is_frozen_norm(norm):  # a plain convolution (a _ConvFrozenBN too) with the norm in its weights
+            setattr(parent, conv_name, _fold(conv_like(conv), norm))
             setattr(parent, norm_name, nn.Identity())
     return model

@@ -23,12 +23,14 @@ class BoxCoder:
     """Encodes boxes as (dx, dy, dw, dh) deltas relative to anchors and back (R-CNN parametrisation).
 
     dx = wx * (gx - ax) / aw,  dy = wy * (gy - ay) / ah,  dw = ww * log(gw / aw),  dh = wh * log(gh / ah)
-    with (x, y) box centres. All shapes broadcast: `(..., 4)`.
+    with (x, y) box centres. All shapes broadcast: `(..., 4)`. A plain class that TorchScript
+    compiles (as torchvision's), so that a scripted module holding one decodes with it too.
     """
 
-    def __init__(self, weights: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+    def __init__(self, weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0),
                  clamp: float = math.log(1000.0 / 16)):
-        self.weights = tuple(float(w) for w in weights)
+        wx, wy, ww, wh = weights  # any sequence of 4 from Python (config lists)
+        self.weights = (float(wx), float(wy), float(ww), float(wh))
         self.clamp = float(clamp)
 
     def encode(self, anchors: Tensor, boxes: Tensor) -> Tensor:

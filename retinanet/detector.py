@@ -17,12 +17,12 @@ from .compiling import CompiledOrNone
 from .config import Config, load_config
 from .data import Batch, Collate, build_transform, label_mapping, load_coco
 from .data.transforms import rgb_to_tensor
+from .boxes import BoxCoder
 from .errors import ConfigError, DataError
-from .losses import build_box_coder
-from .model import RetinaNet, build_model, use_fast_memory_format
+from .model import RetinaNet, RetinaNetOutput, build_model, use_fast_memory_format
 from .model.fold import fold_batchnorm
 from .model.winograd import use_winograd
-from .postprocess import PostProcessor, build_postprocessor
+from .predictor import PostProcessor, build_postprocessor
 from .weights import load_model_weights
 
 
@@ -82,16 +82,16 @@ class Detector:
         if cfg.model.fold_batchnorm:  # this model is only ever used for inference
             model = fold_batchnorm(model)
         return cls(model.to(device), transform=build_transform(cfg.data, train=False),
-                   postprocessor=build_postprocessor(cfg, build_box_coder(cfg)),
+                   postprocessor=build_postprocessor(cfg, BoxCoder(cfg.model.box_coder.weights,
+                                                                   cfg.model.box_coder.clamp)),
                    size_divisibility=cfg.data.size_divisibility, class_names=class_names,
                    label_to_cat_id=label_to_cat_id, device=device, channels_last=cfg.model.channels_last,
                    compile=cfg.model.compile_inference, winograd=cfg.model.winograd)
 
     @torch.no_grad()
-    def predict_batch(self, batch: Batch, on_outputs: Callable | None = None) -> list[dict[str, Tensor]]:
-        """A collated Batch -> per image {"boxes" (N, 4) xyxy in original pixels, "scores", "labels"}.
-        `on_outputs(RetinaNetOutput, batch)`, when given, sees the raw outputs first (the trainer's
-        validation loss)."""
+    def run_batch(self, batch: Batch) -> tuple[RetinaNetOutput, list[dict[str, Tensor]]]:
+        """A collated Batch -> (the network's raw outputs, per image {"boxes" (N, 4) xyxy in
+        original pixels, "scores", "labels"}) of one forward pass in eval mode."""
         was_training = self.model.training
         self.model.eval()
         try:
@@ -99,12 +99,19 @@ class Detector:
             out = self._compiled(images) if self._compiled is not None else None
             if out is None:
                 out = self.model(images)
-            if on_outputs is not None:
-                on_outputs(out, batch)
-            return self.postprocessor(out.cls_logits, out.box_deltas, out.anchors,
-                                      out.num_anchors_per_level, batch.image_sizes, batch.orig_sizes)
+            return out, self.postprocessor(out.cls_logits, out.box_deltas, out.anchors,
+                                           out.num_anchors_per_level, batch.image_sizes, batch.orig_sizes)
         finally:
             self.model.train(was_training)
+
+    @torch.no_grad()
+    def predict_batch(self, batch: Batch, on_outputs: Callable | None = None) -> list[dict[str, Tensor]]:
+        """run_batch's detections; `on_outputs(RetinaNetOutput, batch)`, when given, sees the raw
+        outputs first."""
+        out, detections = self.run_batch(batch)
+        if on_outputs is not None:
+            on_outputs(out, batch)
+        return detections
 
     def predict(self, images: Sequence[np.ndarray | Tensor]) -> list[dict[str, Tensor]]:
         """images: RGB uint8 (H, W, 3) numpy arrays, or float (3, H, W) tensors in [0, 1] (the input

@@ -26,6 +26,7 @@ import numpy as np
 
 from .data.coco import decode_rgb
 from .errors import ConfigError, DataError, MissingFileError
+from .visualize import save_detections
 
 # Extensions taken from a folder or a glob (case-insensitive); a single named file may have any.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -179,7 +180,6 @@ def infer_files(detector, files: Sequence[Path], root: Path, output_dir: str | P
             for entry in entries:
                 summary.kept_per_class[entry["category_name"]] += 1
             if draw:
-                from .visualize import save_detections
                 save_detections(output_dir / names[index], image, out["boxes"].numpy()[keep],
                                 out["labels"].numpy()[keep].tolist(), scores[keep].tolist(),
                                 detector.class_names)

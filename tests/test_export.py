@@ -1,4 +1,4 @@
-"""Export: InferenceModel equals PostProcessor, in-graph anchors equal AnchorGenerator's, and the
+"""Export: the Predictor equals PostProcessor, in-graph anchors equal AnchorGenerator's, and the
 TorchScript and ONNX files equal eager PyTorch at other batch sizes and image sizes than traced."""
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import warnings
 import pytest
 import torch
 
-from retinanet.export import (OUTPUT_NAMES, InferenceModel, ShapeAnchors, check_onnx_opset,
-                              compare_outputs, export_onnx, export_torchscript, mismatch, run_onnx)
-from retinanet.losses import build_box_coder, score_activation
+from retinanet.boxes import BoxCoder
+from retinanet.export import (OUTPUT_NAMES, check_onnx_opset, compare_outputs, export_onnx,
+                              export_torchscript, mismatch, run_onnx)
 from retinanet.model import AnchorGenerator, build_model
-from retinanet.postprocess import build_postprocessor
+from retinanet.predictor import Predictor, build_postprocessor, score_activation
 
 from conftest import REPO_ROOT, tiny_overrides
 from numerics import assert_detections_agree, box_tolerance, network_rtol, network_shape
@@ -53,9 +53,10 @@ def tiny_model(config):
 def inference_model(config, **postprocess):
     for key, value in postprocess.items():
         setattr(config.model.postprocess, key, value)
-    postprocessor = build_postprocessor(config, build_box_coder(config))
+    postprocessor = build_postprocessor(config, BoxCoder(config.model.box_coder.weights,
+                                                         config.model.box_coder.clamp))
     model = tiny_model(config)
-    return model, postprocessor, InferenceModel.from_postprocessor(model, postprocessor).eval()
+    return model, postprocessor, Predictor(model, postprocessor=postprocessor).eval()
 
 
 def images(shape, seed=1):
@@ -131,7 +132,7 @@ def test_eager_without_detections(tiny_config):
 def test_shape_anchors_equal_anchor_generator(options):
     generator = AnchorGenerator(sizes=[32, 64, 128, 256, 512], octave_scales=[1, 2 ** (1 / 3), 2 ** (2 / 3)],
                                 aspect_ratios=[0.5, 1.0, 2.0], strides=[8, 16, 32, 64, 128], **options)
-    in_graph = ShapeAnchors(generator)
+    in_graph = lambda features, image: generator.from_shapes(features, image)  # noqa: E731
 
     def inputs(height, width):  # feature maps of a ResNet-FPN: ceil(size / 2) per stride-2 step
         sizes, h, w = [], height, width

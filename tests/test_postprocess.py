@@ -3,7 +3,7 @@ import math
 import torch
 
 from retinanet.boxes import BoxCoder
-from retinanet.postprocess import PostProcessor
+from retinanet.predictor import PostProcessor
 
 from numerics import U32, assert_detections_agree, rounding_box_tol
 
@@ -85,7 +85,7 @@ def test_no_detections():
 
 
 def test_batched_topk_equals_torch_topk():
-    from retinanet.postprocess import batched_topk
+    from retinanet.predictor import batched_topk
     g = torch.Generator().manual_seed(0)
     cases = [torch.randn(2, 700_003, generator=g),                       # ragged last block
              torch.randn(3, 512_000, generator=g) * 4 - 6,                # one block size apart

@@ -54,9 +54,10 @@ def main() -> int:
     import torch
 
     from retinanet import Detector
+    from retinanet.predictor import Predictor
 
     detector = Detector.from_config(config, weights=args.weights, device="cpu")
-    model = export.InferenceModel.from_postprocessor(detector.model, detector.postprocessor)
+    model = Predictor(detector.model, postprocessor=detector.postprocessor)
     model = export.prepare_for_export(model)
     images = torch.randn(EXAMPLE_BATCH, 3, height, width, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -71,7 +72,7 @@ def main() -> int:
         if args.format == "onnx":
             export.export_onnx(model, images, output, opset=args.opset)
             what = f"ONNX opset {args.opset}, dynamic batch, height and width"
-            actual = _run_onnx_if_installed(output, images)
+            actual = _run_onnx_if_installed(export.run_onnx, output, images)
         else:
             scripted = export.export_torchscript(model, images, output)
             what = ("TorchScript, postprocessing scripted and network traced; dynamic batch, "
@@ -80,8 +81,8 @@ def main() -> int:
                 actual = scripted(images)
     divisor = config.data.size_divisibility
     print(f"wrote {output} ({what}): input images (B, 3, H, W) normalised and padded, H and W "
-          f"multiples of {divisor}; outputs boxes (B, {model.max_detections}, 4) xyxy in input "
-          f"pixels, scores, labels (-1 = padding), num_detections")
+          f"multiples of {divisor}; outputs boxes (B, {model.postprocessor.max_detections}, 4) xyxy "
+          f"in input pixels, scores, labels (-1 = padding), num_detections")
     if actual is None:
         print("not checked: onnxruntime is not installed (pip install -e .[export])")
         return 0
@@ -115,14 +116,13 @@ def _example_size(data_config, height: int | None, width: int | None) -> tuple[i
     return height, width
 
 
-def _run_onnx_if_installed(path: Path, images):
-    """The exported file's outputs on `images`, or None without onnxruntime."""
+def _run_onnx_if_installed(run_onnx, path: Path, images):
+    """The exported file's outputs on `images` (retinanet.export.run_onnx), or None without
+    onnxruntime."""
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
         return None
-    from retinanet.export import run_onnx
-
     return run_onnx(path, images)
 
 

@@ -16,13 +16,8 @@ from .matcher import BACKGROUND, IGNORE, Matcher
 
 __all__ = ["BACKGROUND", "BCELoss", "ClassificationLoss", "FocalLoss", "GHMLoss", "IGNORE",
            "Matcher", "OHEMLoss", "RetinaNetCriterion", "SoftmaxFocalLoss", "build_criterion",
-           "class_balanced_weights", "pad_targets", "score_activation", "sigmoid_focal_loss",
+           "class_balanced_weights", "pad_targets", "sigmoid_focal_loss",
            "sigmoid_focal_loss_with_classes"]
-
-
-def score_activation(config: Config) -> str:
-    """How the head's logits become scores: softmax (background logit 0) for softmax_focal."""
-    return "softmax" if config.loss.cls.type == "softmax_focal" else "sigmoid"
 
 
 def build_box_coder(config: Config) -> BoxCoder:

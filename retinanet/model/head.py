@@ -46,11 +46,16 @@ class RetinaHead(nn.Module):
         nn.init.constant_(self.cls_score.bias, -math.log((1 - prior_prob) / prior_prob))
 
     def forward(self, features: list[Tensor]) -> tuple[Tensor, Tensor]:
+        cls_logits, box_deltas = self.forward_levels(features)
+        return torch.cat(cls_logits, dim=1), torch.cat(box_deltas, dim=1)
+
+    def forward_levels(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """The same outputs per level: [(B, A_l, K)], [(B, A_l, 4)]."""
         cls_logits, box_deltas = [], []
         for feature in features:
             cls_logits.append(self._flatten(self.cls_score(self.cls_subnet(feature)), self.num_classes))
             box_deltas.append(self._flatten(self.box_pred(self.box_subnet(feature)), 4))
-        return torch.cat(cls_logits, dim=1), torch.cat(box_deltas, dim=1)
+        return cls_logits, box_deltas
 
     def _flatten(self, output: Tensor, width: int) -> Tensor:
         # (B, A*width, H, W) -> (B, H*W*A, width)

@@ -54,11 +54,17 @@ class RetinaNet(nn.Module):
         return self.head.num_classes
 
     def forward(self, images: Tensor) -> RetinaNetOutput:
+        cls_logits, box_deltas, features = self.forward_levels(images)
+        sizes = [tuple(f.shape[-2:]) for f in features]
+        anchors = self.anchor_generator(sizes, images.device, image_size=tuple(images.shape[-2:]))
+        return RetinaNetOutput(torch.cat(cls_logits, dim=1), torch.cat(box_deltas, dim=1), anchors,
+                               self.anchor_generator.num_anchors_per_level(sizes))
+
+    def forward_levels(self, images: Tensor) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """The network without anchors, per level: cls_logits [(B, A_l, K)], box_deltas
+        [(B, A_l, 4)] and the FPN features [(B, C, H_l, W_l)] whose shapes place the anchors."""
         if self.backbone.stem[0].weight.is_contiguous(memory_format=torch.channels_last):
             images = images.contiguous(memory_format=torch.channels_last)
         features = self.fpn(self.backbone(images))
-        cls_logits, box_deltas = self.head(features)
-        sizes = [tuple(f.shape[-2:]) for f in features]
-        anchors = self.anchor_generator(sizes, images.device, image_size=tuple(images.shape[-2:]))
-        return RetinaNetOutput(cls_logits, box_deltas, anchors,
-                               self.anchor_generator.num_anchors_per_level(sizes))
+        cls_logits, box_deltas = self.head.forward_levels(features)
+        return cls_logits, box_deltas, features

@@ -143,17 +143,19 @@ def _raises_opset(tmp_path):
 
 def _raises_backbone_weights(tmp_path):
     from retinanet.model.backbone import ResNetBackbone
-    ResNetBackbone(depth=18).load_torchvision_weights(tmp_path / "resnet18.pth")
+    from retinanet.weights import load_imagenet_weights
+    load_imagenet_weights(ResNetBackbone(depth=18), tmp_path / "resnet18.pth", depth=18)
 
 
 def _raises_backbone_keys(tmp_path):
     from retinanet.model.backbone import ResNetBackbone
+    from retinanet.weights import load_imagenet_weights
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "resnet18.pth")
-    ResNetBackbone(depth=18).load_torchvision_weights(tmp_path / "resnet18.pth")
+    load_imagenet_weights(ResNetBackbone(depth=18), tmp_path / "resnet18.pth", depth=18)
 
 
 def _raises_not_torchvision(tmp_path):
-    from retinanet.model.convert import convert_torchvision_state
+    from retinanet.weights import convert_torchvision_state
     convert_torchvision_state({"x": torch.zeros(1)}, "v1")
 
 

@@ -310,7 +310,7 @@ def test_deferred_checks_skip_on_the_device_and_settle_at_the_window(tiny_config
 
 
 def test_fused_sgd_skipped_first_step_leaves_no_garbage_momentum(tiny_config):
-    from retinanet.engine.trainer import build_optimizer
+    from retinanet.engine.building import build_optimizer
     tiny_config.train.optimizer.type = "sgd"
     tiny_config.train.optimizer.weight_decay = 0.0
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))

@@ -8,7 +8,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from retinanet.data import CocoDetection
-from retinanet.engine import trainer as trainer_module
+from retinanet.engine import reporting as trainer_module
 from retinanet.engine.evaluator import METRIC_NAMES, coco_evaluate
 from retinanet.engine.trainer import Trainer
 

@@ -10,7 +10,8 @@ import torch
 from retinanet.config import load_config
 from retinanet.data.shapes import generate_shapes_dataset
 from retinanet.engine.checkpoint import load_checkpoint
-from retinanet.engine.trainer import Trainer, lr_factor
+from retinanet.engine.building import lr_factor
+from retinanet.engine.trainer import Trainer
 
 from conftest import REPO_ROOT, tiny_overrides
 

@@ -20,20 +20,15 @@ def main() -> int:
     args = parser.parse_args()
     from retinanet import Detector
     from retinanet.config import load_config
-    from retinanet.data import build_dataset, build_test_loader
-    from retinanet.engine.evaluator import Evaluator
-    from retinanet.engine.trainer import write_visualizations
+    from retinanet.data import build_dataset
+    from retinanet.engine.validation import build_evaluator, write_visualizations
 
     config = load_config(args.config, args.overrides)
     detector = Detector.from_config(config, weights=args.weights)
     dataset = build_dataset(config.data, train=False)
-    loader = build_test_loader(dataset, batch_size=config.eval.batch_size,
-                               num_workers=config.data.num_workers,
-                               size_divisibility=config.data.size_divisibility)
     output = Path(args.output or Path(config.output_dir) / "eval")
-    result = Evaluator(dataset, loader, output_dir=output, max_dets=config.eval.max_dets,
-                       backend=config.eval.backend, pr_curves=config.eval.pr_curves,
-                       progress=sys.stderr.isatty())(detector.predict_batch)
+    evaluator = build_evaluator(config, dataset, output_dir=output, progress=sys.stderr.isatty())
+    result = evaluator(detector.predict_batch)
     write_visualizations(dataset, result["predictions"], output / "vis", config.eval.num_vis_images,
                          config.eval.vis_score_thresh)
     print(f"wrote {output / 'coco_results.json'} and {output / 'metrics.json'}")

@@ -1,6 +1,6 @@
-"""torch.distributed plumbing for `torchrun`: process-group set-up, rank queries and the few
-collectives the trainer and evaluator need. A plain `python tools/train.py` is world size 1 and
-every helper here is then a no-op.
+"""torch.distributed plumbing for `torchrun`: process-group set-up, the model's DDP wrapper and
+the few collectives the trainer and evaluator need. A plain `python tools/train.py` is world
+size 1 and every helper here is then a no-op.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..errors import ConfigError
 
@@ -59,12 +59,28 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def get_rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
+def process_device(device: torch.device, info: DistInfo) -> torch.device:
+    """This process's own GPU (cuda:LOCAL_RANK) in a distributed CUDA job, else `device`."""
+    return torch.device("cuda", info.local_rank) if device.type == "cuda" and info.world_size > 1 else device
 
 
-def get_world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
+def sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """BatchNorm statistics over every rank's batch (train.sync_bn); the model as is in one process."""
+    if not is_distributed():
+        return model
+    if device.type != "cuda":
+        raise ConfigError("train.sync_bn needs CUDA (SyncBatchNorm has no CPU kernel): set "
+                          "train.sync_bn=false for CPU processes")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
+    """What the training step runs: DistributedDataParallel (gradients averaged over ranks) around
+    `model`, or `model` itself in one process."""
+    if not is_distributed():
+        return model
+    return nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
 def all_reduce_mean(value: Tensor) -> Tensor:

@@ -14,6 +14,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchvision.ops import box_convert
+from tqdm import tqdm
 
 from ..data.coco import categories
 from ..errors import ConfigError, DataError
@@ -115,20 +116,13 @@ def coco_evaluate(coco_gt: COCO, results: list[dict], *, max_dets: int = 100,
 
 def _summary_text(metrics: dict, max_dets: int) -> str:
     """pycocotools' 12-line summary, with the maxDets actually used."""
-    rows = [("Average Precision", "AP", "0.50:0.95", "all", max_dets),
-            ("Average Precision", "AP", "0.50", "all", max_dets),
-            ("Average Precision", "AP", "0.75", "all", max_dets),
-            ("Average Precision", "AP", "0.50:0.95", "small", max_dets),
-            ("Average Precision", "AP", "0.50:0.95", "medium", max_dets),
-            ("Average Precision", "AP", "0.50:0.95", "large", max_dets),
-            ("Average Recall", "AR", "0.50:0.95", "all", 1),
-            ("Average Recall", "AR", "0.50:0.95", "all", 10),
-            ("Average Recall", "AR", "0.50:0.95", "all", max_dets),
-            ("Average Recall", "AR", "0.50:0.95", "small", max_dets),
-            ("Average Recall", "AR", "0.50:0.95", "medium", max_dets),
-            ("Average Recall", "AR", "0.50:0.95", "large", max_dets)]
-    return "\n".join(f" {title:<18} ({short}) @[ IoU={iou:<9} | area={area:>6} | maxDets={dets:>3} ] = "
-                     f"{metrics[name]:0.3f}" for (title, short, iou, area, dets), name in zip(rows, METRIC_NAMES))
+    titles = ["Average Precision"] * 6 + ["Average Recall"] * 6
+    ious = ["0.50:0.95", "0.50", "0.75"] + ["0.50:0.95"] * 9
+    areas = ["all"] * 3 + ["small", "medium", "large"] + ["all"] * 3 + ["small", "medium", "large"]
+    dets = [max_dets] * 6 + [1, 10] + [max_dets] * 4
+    return "\n".join(f" {title:<18} ({name[:2]}) @[ IoU={iou:<9} | area={area:>6} | maxDets={det:>3} ] = "
+                     f"{metrics[name]:0.3f}" for title, name, iou, area, det
+                     in zip(titles, METRIC_NAMES, ious, areas, dets))
 
 
 def format_report(result: dict, max_dets: int) -> str:
@@ -170,10 +164,8 @@ class Evaluator:
         predicted: list[int] = []  # image ids in loader order: each must come once
         skipped: list[tuple[int, str]] = []  # (image id, file) of unreadable images
         num_detections = 0
-        batches = self.loader
-        if self.progress:
-            from tqdm import tqdm
-            batches = tqdm(self.loader, desc="evaluating", unit="batch", leave=False, dynamic_ncols=True)
+        batches = tqdm(self.loader, desc="evaluating", unit="batch", leave=False,
+                       dynamic_ncols=True) if self.progress else self.loader
         for batch in batches:
             skipped += getattr(batch, "skipped", [])  # a plain loader's batches have no such field
             if not batch.image_ids:  # every image of this batch was unreadable

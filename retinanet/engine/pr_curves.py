@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from matplotlib.figure import Figure  # no pyplot: no backend, no global figure state, works headless
 
 # COCOeval's IoU thresholds are 0.50:0.05:0.95; the curves drawn are at these indices.
 IOU_CURVES = {50: 0, 75: 5}
@@ -14,17 +15,14 @@ def save_pr_curves(precision: np.ndarray, class_names: Sequence[str], out_dir: s
     """precision (T=10 IoUs, R=101 recall points, K classes), -1 where undefined (a class without
     ground truth) -> out_dir/pr_curve_iou50.png and pr_curve_iou75.png: one thin line per class and
     the class mean in black, each labelled with its AP (the area under COCO's interpolated curve)."""
-    import matplotlib
-    matplotlib.use("Agg")  # files only: works without a display, in workers and under CI
-    import matplotlib.pyplot as plt
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     recall = np.linspace(0.0, 1.0, precision.shape[1])
     paths = []
     for iou, index in IOU_CURVES.items():
         curves = precision[index]  # (R, K)
-        fig, ax = plt.subplots(figsize=(6.4, 4.8))
+        fig = Figure(figsize=(6.4, 4.8))
+        ax = fig.subplots()
         defined = (curves > -1).all(axis=0)
         for k, name in enumerate(class_names):
             if defined[k]:
@@ -39,6 +37,5 @@ def save_pr_curves(precision: np.ndarray, class_names: Sequence[str], out_dir: s
             ax.legend(loc="lower left", fontsize=7)
         path = out_dir / f"pr_curve_iou{iou}.png"
         fig.savefig(path, dpi=100, bbox_inches="tight")
-        plt.close(fig)
         paths.append(path)
     return paths

@@ -86,9 +86,9 @@ def test_smooth_l1_beta_zero_is_l1_without_nan_gradients():
     assert torch.isfinite(pred.grad).all()
 
 
-def criterion(box_loss="smooth_l1", momentum=0.0):
-    return RetinaNetCriterion(num_classes=3, matcher=Matcher(), box_coder=BoxCoder(),
-                              box_loss=box_loss, normalizer_momentum=momentum)
+def criterion(box_loss="smooth_l1", momentum=0.0, sync_free=False):
+    return RetinaNetCriterion(num_classes=3, matcher=Matcher(sync_free=sync_free), box_coder=BoxCoder(),
+                              box_loss=box_loss, normalizer_momentum=momentum, sync_free=sync_free)
 
 
 ANCHORS = torch.tensor([[0.0, 0.0, 10.0, 10.0], [10.0, 0.0, 20.0, 10.0], [0.0, 10.0, 10.0, 20.0],
@@ -312,11 +312,9 @@ def test_kernel_choice_is_checked():
 
 
 @pytest.mark.parametrize("box_loss", ["smooth_l1", "l1", "giou"])
-def test_sync_free_matching_and_box_loss_equal_the_sparse_ones(box_loss, monkeypatch):
+def test_sync_free_matching_and_box_loss_equal_the_sparse_ones(box_loss):
     """The GPU forms (no nonzero / unique, so no host sync), run on CPU against the CPU forms:
     same matches, same losses, same gradients; images without boxes and padding included."""
-    from retinanet.losses import criterion as criterion_module
-    from retinanet.losses import matcher as matcher_module
     g = torch.Generator().manual_seed(8)
     xy = torch.rand(600, 2, generator=g) * 100
     anchors = torch.cat([xy, xy + 4 + torch.rand(600, 2, generator=g) * 30], dim=1)
@@ -325,12 +323,10 @@ def test_sync_free_matching_and_box_loss_equal_the_sparse_ones(box_loss, monkeyp
     labels = [torch.randint(0, 3, (len(b),), generator=g) for b in boxes]
     cls_logits = torch.randn(3, 600, 3, generator=g)
     box_deltas = torch.randn(3, 600, 4, generator=g) * 0.2
-    crit = RetinaNetCriterion(num_classes=3, matcher=Matcher(max_iou_elements=2000), box_coder=BoxCoder(),
-                              box_loss=box_loss)
     results = []
     for dense in (False, True):
-        monkeypatch.setattr(matcher_module, "sync_free", lambda device: dense)
-        monkeypatch.setattr(criterion_module, "sync_free", lambda device: dense)
+        crit = RetinaNetCriterion(num_classes=3, matcher=Matcher(max_iou_elements=2000, sync_free=dense),
+                                  box_coder=BoxCoder(), box_loss=box_loss, sync_free=dense)
         cls, deltas = cls_logits.clone().requires_grad_(), box_deltas.clone().requires_grad_()
         losses = crit(cls, deltas, anchors, boxes, labels)
         (losses["loss_cls"] + losses["loss_box"]).backward()
@@ -353,12 +349,10 @@ def test_sync_free_matching_and_box_loss_equal_the_sparse_ones(box_loss, monkeyp
     assert d1[1].abs().sum() == 0  # the image without boxes: no box gradient
 
 
-def test_sync_free_batch_of_only_empty_images_keeps_graph(monkeypatch):
-    from retinanet.losses import criterion as criterion_module
-    monkeypatch.setattr(criterion_module, "sync_free", lambda device: True)
+def test_sync_free_batch_of_only_empty_images_keeps_graph():
     box_deltas = torch.randn(2, 5, 4, requires_grad=True)
     empty = [torch.zeros(0, 4), torch.zeros(0, 4)]
-    losses = criterion()(torch.randn(2, 5, 3), box_deltas, ANCHORS, empty, [torch.zeros(0, dtype=torch.long)] * 2)
+    losses = criterion(sync_free=True)(torch.randn(2, 5, 3), box_deltas, ANCHORS, empty, [torch.zeros(0, dtype=torch.long)] * 2)
     assert losses["loss_box"].item() == 0 and losses["loss_box"].requires_grad
     losses["loss_box"].backward()
     assert torch.equal(box_deltas.grad, torch.zeros_like(box_deltas))

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .focal import sigmoid_focal_loss_with_classes, upcast
+from .focal import FocalKernel, sigmoid_focal_loss_with_classes, upcast
 
 IGNORE_CLASS = -1
 
@@ -45,14 +45,14 @@ class FocalLoss(ClassificationLoss):
     alpha (0.25) then *down*-weights the rare positives, because gamma already removed most of the
     negatives' weight. `label_smoothing` eps moves binary targets towards 0.5 (1 -> 1 - eps/2,
     0 -> eps/2), which tempers over-confident scores on noisy labels. `kernel`: see
-    sigmoid_focal_loss.
+    focal.select_focal_kernel; chosen once per device and size class.
     """
 
     def __init__(self, *, alpha: Optional[float] = 0.25, gamma: float = 2.0, label_smoothing: float = 0.0,
                  kernel: str = "auto"):
         super().__init__()
         self.alpha, self.gamma, self.label_smoothing = alpha, gamma, label_smoothing
-        self.kernel = kernel
+        self.kernel, self.fused = kernel, FocalKernel(kernel)
 
     def forward(self, logits: Tensor, classes: Tensor, anchor_weights: Optional[Tensor] = None) -> Tensor:
         # Ignored anchors get weight 0 rather than being gathered out: no copy of the logits.
@@ -63,7 +63,7 @@ class FocalLoss(ClassificationLoss):
         return sigmoid_focal_loss_with_classes(
             logits.reshape(-1, width), classes.reshape(-1).clamp(min=0), alpha=self.alpha,
             gamma=self.gamma, label_smoothing=self.label_smoothing, row_weights=weights.reshape(-1),
-            kernel=self.kernel)
+            kernel=self.fused)
 
 
 class BCELoss(FocalLoss):

@@ -14,7 +14,7 @@ from torch.nn.utils.rnn import pad_sequence
 from ..boxes import BoxCoder, box_areas_valid
 from .box import giou_loss, smooth_l1_loss
 from .classification import IGNORE_CLASS, ClassificationLoss, FocalLoss, anchor_class_weights
-from .matcher import BACKGROUND, IGNORE, Matcher, sync_free
+from .matcher import BACKGROUND, IGNORE, Matcher
 
 
 def pad_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
@@ -36,6 +36,10 @@ def pad_targets(boxes: Sequence[Tensor], labels: Sequence[Tensor]) -> tuple[Tens
 class RetinaNetCriterion(nn.Module):
     """forward(cls_logits (B, A, K), box_deltas (B, A, 4), anchors (A, 4), gt_boxes, gt_labels)
     -> {"loss_cls", "loss_box", "num_fg"}; the total loss is loss_cls + loss_box (weights applied).
+
+    `sync_free`, matcher.sync_free(device) for the device it will run on, picks once the box loss
+    over every anchor (background made exact zeros, no nonzero: a host sync on a GPU) instead of
+    over the gathered positives.
     """
 
     def __init__(self, *, num_classes: int, matcher: Matcher, box_coder: BoxCoder,
@@ -43,7 +47,7 @@ class RetinaNetCriterion(nn.Module):
                  class_weights: Optional[Tensor] = None, box_loss: str = "smooth_l1",
                  smooth_l1_beta: float = 0.1, box_weight: float = 1.0,
                  normalizer_momentum: float = 0.0,
-                 reduce_num_fg: Optional[Callable[[Tensor], Tensor]] = None):
+                 reduce_num_fg: Optional[Callable[[Tensor], Tensor]] = None, sync_free: bool = False):
         super().__init__()
         if box_loss not in ("smooth_l1", "l1", "giou"):
             raise ValueError(f"box loss must be smooth_l1, l1 or giou, got {box_loss!r}")
@@ -61,6 +65,7 @@ class RetinaNetCriterion(nn.Module):
         # with DDP's gradient averaging, train) like 1 process x batch N*b. Training mode only:
         # in evaluation ranks run different numbers of batches, so a collective would hang.
         self.reduce_num_fg: Callable[[Tensor], Tensor] = reduce_num_fg or (lambda num_fg: num_fg)
+        self._positive_box_loss = self._dense_box_loss if sync_free else self._sparse_box_loss
 
     def forward(self, cls_logits: Tensor, box_deltas: Tensor, anchors: Tensor,
                 gt_boxes: Sequence[Tensor], gt_labels: Sequence[Tensor]) -> dict[str, Tensor]:
@@ -81,13 +86,7 @@ class RetinaNetCriterion(nn.Module):
 
         # Box loss over positives only; with no positive it is an empty sum that is still connected
         # to the graph, so every parameter keeps a gradient (matters under DDP).
-        if sync_free(anchors.device):
-            loss_box = self._dense_box_loss(box_deltas, anchors, boxes, safe_idx, fg_mask)
-        else:
-            batch_idx, anchor_idx = torch.nonzero(fg_mask, as_tuple=True)
-            loss_box = self._box_loss(box_deltas[batch_idx, anchor_idx], anchors[anchor_idx],
-                                      boxes[batch_idx, safe_idx[batch_idx, anchor_idx]]
-                                      if labels.shape[1] else boxes.new_zeros(0, 4))
+        loss_box = self._positive_box_loss(box_deltas, anchors, boxes, safe_idx, fg_mask)
 
         normalizer = self._normalizer(num_fg)
         if self.cls_loss.normalized_by_num_fg:
@@ -105,10 +104,19 @@ class RetinaNetCriterion(nn.Module):
         beta = 0.0 if self.box_loss == "l1" else self.smooth_l1_beta
         return smooth_l1_loss(pred, self.box_coder.encode(anchors, target_boxes), beta, mask)
 
+    def _sparse_box_loss(self, box_deltas: Tensor, anchors: Tensor, boxes: Tensor, safe_idx: Tensor,
+                         fg_mask: Tensor) -> Tensor:
+        """_box_loss over the positives: deltas (B, A, 4), anchors (A, 4), boxes (B, M, 4),
+        safe_idx (B, A) each anchor's box (0 where unmatched), fg_mask (B, A)."""
+        batch_idx, anchor_idx = torch.nonzero(fg_mask, as_tuple=True)
+        targets = boxes[batch_idx, safe_idx[batch_idx, anchor_idx]] if boxes.shape[1] else \
+            boxes.new_zeros(0, 4)
+        return self._box_loss(box_deltas[batch_idx, anchor_idx], anchors[anchor_idx], targets)
+
     def _dense_box_loss(self, box_deltas: Tensor, anchors: Tensor, boxes: Tensor, safe_idx: Tensor,
                         fg_mask: Tensor) -> Tensor:
-        """_box_loss over every anchor of the batch (B, A), background ones made exact zeros: no
-        nonzero(), which waits for the GPU to know how many positives there are."""
+        """_sparse_box_loss over every anchor of the batch (B, A), background ones made exact
+        zeros: no nonzero(), which waits for the GPU to know how many positives there are."""
         batch, num_anchors = fg_mask.shape
         pred = box_deltas.reshape(-1, 4)
         flat_anchors = anchors.expand(batch, num_anchors, 4).reshape(-1, 4)

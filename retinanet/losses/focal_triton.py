@@ -1,11 +1,11 @@
 """Sigmoid focal loss and its closed-form gradient in one Triton pass over the logits.
 
-Same math as the fused eager loss in focal.py (float32; formulas in its docstrings), but one
-kernel reads each logit once and writes each gradient once, instead of a dozen elementwise torch
-ops. The gradient can be scaled by a 0-dim device tensor read inside the kernel (autograd's
-grad_output), so backward needs neither a host sync nor a second pass to apply it. Triton is
-imported only when the kernel is first needed, so this module imports without it. Set
-TRITON_INTERPRET=1 before triton is imported to run the kernel on CPU tensors (slow; tests).
+The math of focal.focal_terms_and_grad restated in Triton (float32), the reference its tests
+compare against: one kernel reads each logit once and writes each gradient once, instead of a
+dozen elementwise torch ops. The gradient can be scaled by a 0-dim device tensor read inside the
+kernel (autograd's grad_output), so backward needs neither a host sync nor a second pass to apply
+it. Triton is imported only when the kernel is first needed, so this module imports without it.
+Set TRITON_INTERPRET=1 before triton is imported to run the kernel on CPU tensors (slow; tests).
 """
 from __future__ import annotations
 
@@ -57,13 +57,11 @@ def _focal_kernel():
             t = tl.where(cls == offs - row * K, t_pos, t_neg)
         else:
             t = tl.load(t_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        # The kernel is bound by instruction issue, not memory (H100, loss alone: 47 us where
-        # reading the logits takes 20 us; ncu: SM 79 %, DRAM 33 %), so each instruction a logit
-        # counts (scripts/kernel_report.py). One exp serves the sigmoid and the softplus, each
-        # stable for any sign of x; one division gives both 1 / (1 + e) and e / (2 + e), and
-        # log1p(e) = 2 atanh(e / (2 + e)) is a 7-term series in it (< 2e-8 relative, as
-        # focal._LOG1P_SERIES), where tl.log's libdevice call and a second division cost more:
-        # with the int32 compare above, 89 -> 64 instructions a logit for the loss on sm_90.
+        # Bound by instruction issue rather than memory, so each instruction a logit counts
+        # (scripts/kernel_report.py): one exp serves the sigmoid and the softplus, each stable
+        # for any sign of x; one division gives both 1 / (1 + e) and e / (2 + e), and log1p(e) =
+        # 2 atanh(e / (2 + e)) is a 7-term series in it (as focal._LOG1P_SERIES), cheaper than
+        # tl.log's libdevice call and a second division.
         e = tl.exp(-tl.abs(x))
         u = 1.0 + e
         v = 2.0 + e
@@ -93,7 +91,7 @@ def _focal_kernel():
         else:
             mod = tl.where(m > 0, tl.exp(gamma * tl.log(m)), 0.0)
             # m^(gamma - 1) is inf at m = 0 for gamma < 1; clamped to float32 tiny (as in the
-            # eager version) it stays finite and meets p (1 - p) = 0 there
+            # Python formula) it stays finite and meets p (1 - p) = 0 there
             dmod = gamma * tl.exp((gamma - 1.0) * tl.log(tl.maximum(m, 1.17549435e-38)))
             term = ce * mod
             g = (p - t) * mod + ce * dmod * a * (p * (1.0 - p))
@@ -170,6 +168,29 @@ def focal_loss_triton(logits: Tensor, targets: Optional[Tensor], classes: Option
         return None
     return partials.sum(dtype=torch.float64).float()  # as the eager kernel: no float32 drift
 
+
+class TritonFocalLoss(torch.autograd.Function):
+    """focal_loss_triton under autograd, args (logits, targets, classes, row_weights, alpha, gamma,
+    t_pos, t_neg): forward only reads the logits for the loss; backward reads them again and
+    writes the gradient already times grad_output, read on the device (no host sync). One (N, K)
+    pass fewer than loss and gradient in forward then a scaling pass, and no (N, K) tensor held
+    between forward and backward; a second backward (retain_graph=True) works the same way."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Optional[Tensor], classes: Optional[Tensor],
+                row_weights: Optional[Tensor], alpha: Optional[float], gamma: float,
+                t_pos: float, t_neg: float) -> Tensor:
+        ctx.args = (alpha, gamma, t_pos, t_neg)
+        ctx.save_for_backward(logits, targets, classes, row_weights)
+        return focal_loss_triton(logits, targets, classes, row_weights, None, *ctx.args)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        logits, targets, classes, row_weights = ctx.saved_tensors
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        focal_loss_triton(logits, targets, classes, row_weights, grad, *ctx.args,
+                          grad_scale=grad_output, need_loss=False)
+        return (grad,) + (None,) * 7
 
 
 def compile_kernel(arch: int = 90, *, num_classes: int = 80, gamma: float = 2.0,

@@ -12,11 +12,11 @@ BACKGROUND = -1
 IGNORE = -2
 
 
-def sync_free(device: torch.device) -> bool:
-    """Whether matching and loss avoid ops whose output size depends on the data (nonzero,
-    unique): they make the host wait for the device. On accelerators only; on CPU there is
-    nothing to wait for and the sparse forms are faster."""
-    return device.type != "cpu"
+def sync_free(device: torch.device | str) -> bool:
+    """Whether matching and loss on `device` should avoid ops whose output size depends on the
+    data (nonzero, unique): they make the host wait for the device. On accelerators only; on CPU
+    there is nothing to wait for and the sparse forms are faster."""
+    return torch.device(device).type != "cpu"
 
 
 class Matcher:
@@ -33,18 +33,22 @@ class Matcher:
     anchor of several boxes goes to the one it overlaps most. Hence the guarantee: every valid box
     with any overlap gets at least one positive, unless each of its best anchors is also a best
     anchor of another box (two boxes sharing one anchor cannot both keep it).
+
+    `sync_free`, sync_free(device) for the device it will run on, picks once the second pass
+    without nonzero / unique (each a host sync on a GPU) and bigger IoU blocks.
     """
 
     def __init__(self, *, fg_iou: float = 0.5, bg_iou: float = 0.4, allow_low_quality: bool = True,
-                 max_iou_elements: Optional[int] = None):
+                 max_iou_elements: Optional[int] = None, sync_free: bool = False):
         if not 0 < bg_iou <= fg_iou <= 1:
             raise ValueError(f"need 0 < bg_iou <= fg_iou <= 1, got bg_iou={bg_iou}, fg_iou={fg_iou}")
         self.fg_iou, self.bg_iou, self.allow_low_quality = fg_iou, bg_iou, allow_low_quality
         # The (B, M, chunk) IoU block is computed for chunks of anchors with at most this many
         # elements. None: 2^18 floats (1 MB) on CPU, where its dozen elementwise passes then run
-        # in cache instead of streaming a (B, M, A) matrix through memory; 2^25 (128 MB) on a GPU,
-        # where fewer, bigger kernels win. Either way the memory is bounded.
-        self.max_iou_elements = max_iou_elements
+        # in cache instead of streaming a (B, M, A) matrix through memory; 2^25 (128 MB) when
+        # sync_free (a GPU), where fewer, bigger kernels win. Either way the memory is bounded.
+        self.max_iou_elements = max_iou_elements or (2 ** 25 if sync_free else 2 ** 18)
+        self._add_low_quality = self._low_quality_dense if sync_free else self._low_quality_sparse
 
     def __call__(self, anchors: Tensor, gt_boxes: Tensor, gt_valid: Tensor) -> Tensor:
         """anchors (A, 4), gt_boxes (B, M, 4) xyxy, gt_valid (B, M) bool -> matched_idx (B, A) long.
@@ -58,8 +62,7 @@ class Matcher:
         if max_boxes == 0:
             return torch.full((batch, num_anchors), BACKGROUND, dtype=torch.long, device=device)
         gt_flat, anchors = gt_boxes.reshape(-1, 4).float(), anchors.float()
-        max_elements = self.max_iou_elements or (2 ** 25 if sync_free(device) else 2 ** 18)
-        chunk = max(1, max_elements // (batch * max_boxes))
+        chunk = max(1, self.max_iou_elements // (batch * max_boxes))
         num_chunks = -(-num_anchors // chunk)
 
         best_iou = torch.empty(batch, num_anchors, device=device)
@@ -78,15 +81,14 @@ class Matcher:
             best_per_gt = chunk_best.max(dim=1).values  # (B * M,)
             # Boxes with zero overlap everywhere would make every anchor "best": skip them.
             usable = gt_valid.reshape(-1) & (best_per_gt > 0)
-            low_quality = self._add_low_quality_dense if sync_free(device) else self._add_low_quality
-            low_quality(result, anchors, gt_flat, best_per_gt, usable, chunk_best, chunk)
+            self._add_low_quality(result, anchors, gt_flat, best_per_gt, usable, chunk_best, chunk)
         return result
 
     @staticmethod
-    def _add_low_quality_dense(result: Tensor, anchors: Tensor, gt_flat: Tensor, best_per_gt: Tensor,
+    def _low_quality_dense(result: Tensor, anchors: Tensor, gt_flat: Tensor, best_per_gt: Tensor,
                                usable: Tensor, chunk_best: Tensor, chunk: int) -> None:
-        """_add_low_quality without nonzero / unique (each a host sync on a GPU): every chunk's
-        IoU block is recomputed and searched for the boxes' best anchors."""
+        """_low_quality_sparse without nonzero / unique: every chunk's IoU block is recomputed and
+        searched for the boxes' best anchors."""
         batch, num_anchors = result.shape
         max_boxes = best_per_gt.shape[0] // batch
         best_per_gt = best_per_gt.view(batch, max_boxes, 1)
@@ -100,7 +102,7 @@ class Matcher:
             result[:, cols] = torch.where(is_best.any(dim=1), best_for_gt, result[:, cols])
 
     @staticmethod
-    def _add_low_quality(result: Tensor, anchors: Tensor, gt_flat: Tensor, best_per_gt: Tensor,
+    def _low_quality_sparse(result: Tensor, anchors: Tensor, gt_flat: Tensor, best_per_gt: Tensor,
                          usable: Tensor, chunk_best: Tensor, chunk: int) -> None:
         """Makes every usable box's best anchors positive, matched to the box they are best for,
         in place in result (B, A); best_per_gt, usable: (B * M,). Only the chunks that hold a

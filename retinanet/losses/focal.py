@@ -44,8 +44,8 @@ def _sigmoid_and_softplus(x: Tensor, one_exp: bool) -> tuple[Tensor, Tensor]:
     """(sigmoid(x), softplus(x)). one_exp, for the compiled loop, which is bound by its
     transcendentals: both from e = exp(-|x|), sigmoid = 1/(1+e) or e/(1+e), softplus =
     max(x, 0) + log1p(e), with one division for 1/(1+e) and e/(2+e), and log1p(e) as a short
-    series (vectorised log1p costs three exps; <= 4e-7 relative against float64, torch's own is
-    1.2e-7). Eager runs torch's two kernels instead (fewer passes)."""
+    series (vectorised log1p costs several exps; <= 4e-7 relative against float64, torch's own
+    is 1.2e-7). Eager runs torch's two kernels instead (fewer passes)."""
     if not one_exp:
         return torch.sigmoid(x), F.softplus(x)
     e = torch.exp(-x.abs())
@@ -119,7 +119,7 @@ def _one_exp_loss_and_grad(logits: Tensor, targets: Optional[Tensor], classes: O
         t = targets.to(dtype)
     terms, grad = focal_terms_and_grad(logits.to(dtype), t, alpha, gamma, row_weights, need_grad, True)
     # Rows summed in the working dtype, rows in a float64 accumulator: a float32 running sum
-    # over millions of terms drifts, and a float64 add per element halves the loop's speed.
+    # over millions of terms drifts, and a float64 add per element would slow the loop.
     return terms.sum(dim=1).sum(dtype=torch.float64).to(dtype), grad
 
 

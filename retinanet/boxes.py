@@ -7,7 +7,6 @@ COCO `xywh` appears only at the dataset and evaluator boundaries (`torchvision.o
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -17,7 +17,6 @@ from .compiling import CompiledOrNone
 from .config import Config, load_config
 from .data import Batch, Collate, build_transform, label_mapping, load_coco
 from .data.transforms import rgb_to_tensor
-from .boxes import BoxCoder
 from .errors import ConfigError, DataError
 from .model import RetinaNet, RetinaNetOutput, build_model, use_fast_memory_format
 from .model.fold import fold_batchnorm
@@ -82,8 +81,7 @@ class Detector:
         if cfg.model.fold_batchnorm:  # this model is only ever used for inference
             model = fold_batchnorm(model)
         return cls(model.to(device), transform=build_transform(cfg.data, train=False),
-                   postprocessor=build_postprocessor(cfg, BoxCoder(cfg.model.box_coder.weights,
-                                                                   cfg.model.box_coder.clamp)),
+                   postprocessor=build_postprocessor(cfg),
                    size_divisibility=cfg.data.size_divisibility, class_names=class_names,
                    label_to_cat_id=label_to_cat_id, device=device, channels_last=cfg.model.channels_last,
                    compile=cfg.model.compile_inference, winograd=cfg.model.winograd)
@@ -105,13 +103,9 @@ class Detector:
             self.model.train(was_training)
 
     @torch.no_grad()
-    def predict_batch(self, batch: Batch, on_outputs: Callable | None = None) -> list[dict[str, Tensor]]:
-        """run_batch's detections; `on_outputs(RetinaNetOutput, batch)`, when given, sees the raw
-        outputs first."""
-        out, detections = self.run_batch(batch)
-        if on_outputs is not None:
-            on_outputs(out, batch)
-        return detections
+    def predict_batch(self, batch: Batch) -> list[dict[str, Tensor]]:
+        """run_batch's detections (the callable an Evaluator takes)."""
+        return self.run_batch(batch)[1]
 
     def predict(self, images: Sequence[np.ndarray | Tensor]) -> list[dict[str, Tensor]]:
         """images: RGB uint8 (H, W, 3) numpy arrays, or float (3, H, W) tensors in [0, 1] (the input

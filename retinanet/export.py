@@ -19,8 +19,6 @@ from torch import Tensor
 from .errors import ConfigError
 from .predictor import Predictor
 
-InferenceModel = Predictor  # the name this module gave it before
-
 OUTPUT_NAMES = ("boxes", "scores", "labels", "num_detections")
 # ScatterElements with reduction="add" (the per-image counts) needs opset 16.
 MIN_ONNX_OPSET = 16

@@ -107,10 +107,6 @@ class Predictor(nn.Module):
         # held here too: the scripted graph calls its grid, while the network in it is traced
         self.anchor_generator = model.anchor_generator
 
-    @classmethod
-    def from_postprocessor(cls, model: RetinaNet, postprocessor: PostProcessor) -> "Predictor":
-        return cls(model, postprocessor=postprocessor)  # export.InferenceModel's spelling (docs)
-
     def forward(self, images: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         cls_logits, box_deltas, features = self.network.forward_levels(images)
         anchors = self.anchor_generator.from_shapes(features, images)
@@ -193,9 +189,9 @@ def score_activation(config: Config) -> str:
     return "softmax" if config.loss.cls.type == "softmax_focal" else "sigmoid"
 
 
-def build_postprocessor(config: Config, box_coder: BoxCoder) -> PostProcessor:
-    """The config's model.postprocess settings and its loss's score activation."""
-    p = config.model.postprocess
-    return PostProcessor(box_coder=box_coder, score_thresh=p.score_thresh,
+def build_postprocessor(config: Config) -> PostProcessor:
+    """The config's model.postprocess and model.box_coder settings and its loss's score activation."""
+    p, coder = config.model.postprocess, config.model.box_coder
+    return PostProcessor(box_coder=BoxCoder(coder.weights, coder.clamp), score_thresh=p.score_thresh,
                          topk_candidates=p.topk_candidates, nms_thresh=p.nms_thresh,
                          max_detections=p.max_detections, activation=score_activation(config))

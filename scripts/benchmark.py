@@ -266,7 +266,7 @@ def _post(impl: str, device, score_thresh: float):
         return lambda: model.postprocess_detections(split, split_anchors, images.image_sizes)
     from retinanet.boxes import BoxCoder
     from retinanet.model import AnchorGenerator
-    from retinanet.postprocess import PostProcessor
+    from retinanet.predictor import PostProcessor
     anchors = AnchorGenerator(sizes=[32, 64, 128, 256, 512], octave_scales=[1, 2 ** (1 / 3), 2 ** (2 / 3)],
                               aspect_ratios=[0.5, 1, 2], strides=[8, 16, 32, 64, 128])(sizes, device)
     post = PostProcessor(box_coder=BoxCoder(), score_thresh=score_thresh, topk_candidates=1000,

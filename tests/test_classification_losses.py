@@ -10,7 +10,7 @@ from retinanet.losses import (BCELoss, FocalLoss, GHMLoss, OHEMLoss, SoftmaxFoca
                               build_classification_loss, class_balanced_weights)
 from retinanet.losses.classification import anchor_class_weights
 from retinanet.losses.focal import binary_focal_terms
-from retinanet.postprocess import PostProcessor
+from retinanet.predictor import PostProcessor
 from retinanet.boxes import BoxCoder
 
 

@@ -47,13 +47,13 @@ def _hw(image) -> tuple[int, int]:
 
 
 def _predict_with_outputs(detector: Detector, images: list) -> tuple[list[dict], object, object]:
-    """predict's steps (transform, collate, predict_batch), keeping the raw outputs -> (detections
+    """predict's steps (transform, collate, run_batch), keeping the raw outputs -> (detections
     on the detector's device, raw outputs, batch)."""
     samples = [detector.transform({"image": image, "image_id": i, "orig_size": _hw(image)})
                for i, image in enumerate(images)]
-    batch, raw = detector.collate(samples), []
-    detections = detector.predict_batch(batch, on_outputs=lambda out, _batch: raw.append(out))
-    return detections, raw[0], batch
+    batch = detector.collate(samples)
+    raw, detections = detector.run_batch(batch)
+    return detections, raw, batch
 
 
 def _spread_scores(model: torch.nn.Module) -> None:

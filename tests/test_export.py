@@ -12,7 +12,6 @@ import warnings
 import pytest
 import torch
 
-from retinanet.boxes import BoxCoder
 from retinanet.export import (OUTPUT_NAMES, check_onnx_opset, compare_outputs, export_onnx,
                               export_torchscript, mismatch, run_onnx)
 from retinanet.model import AnchorGenerator, build_model
@@ -53,8 +52,7 @@ def tiny_model(config):
 def inference_model(config, **postprocess):
     for key, value in postprocess.items():
         setattr(config.model.postprocess, key, value)
-    postprocessor = build_postprocessor(config, BoxCoder(config.model.box_coder.weights,
-                                                         config.model.box_coder.clamp))
+    postprocessor = build_postprocessor(config)
     model = tiny_model(config)
     return model, postprocessor, Predictor(model, postprocessor=postprocessor).eval()
 

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..boxes import BoxCoder
 from ..config import Config
 from ..data import CocoDetection, build_test_loader, build_transform
 from ..detector import Detector
@@ -62,17 +61,20 @@ class Validation:
                  device: torch.device, dist: DistInfo, output_dir: Path, log: Callable[[str], None]):
         self.config, self.dataset, self.model, self.criterion = config, dataset, model, criterion
         self.device, self.dist, self.output_dir, self.log = device, dist, Path(output_dir), log
-        coder = BoxCoder(config.model.box_coder.weights, config.model.box_coder.clamp)
         self.detector = Detector(model, transform=build_transform(config.data, train=False),
-                                 postprocessor=build_postprocessor(config, coder),
+                                 postprocessor=build_postprocessor(config),
                                  size_divisibility=config.data.size_divisibility,
                                  class_names=dataset.class_names, label_to_cat_id=dataset.label_to_cat_id,
                                  device=device, channels_last=config.model.channels_last)
 
     def predict(self, batch, on_outputs: Optional[Callable] = None) -> list[dict[str, torch.Tensor]]:
         """The one call into inference: a collated Batch -> per image {"boxes" (N, 4) xyxy in
-        original pixels, "scores", "labels"}; `on_outputs(outputs, batch)` sees the raw outputs."""
-        return self.detector.predict_batch(batch, on_outputs=on_outputs)
+        original pixels, "scores", "labels"}; `on_outputs(outputs, batch)` sees the raw outputs
+        of the same forward pass."""
+        out, detections = self.detector.run_batch(batch)
+        if on_outputs is not None:
+            on_outputs(out, batch)
+        return detections
 
     def __call__(self, *, visualize: bool = False, progress: bool = False) -> tuple[dict, list]:
         ev = self.config.eval

@@ -20,10 +20,6 @@ __all__ = ["BACKGROUND", "BCELoss", "ClassificationLoss", "FocalLoss", "GHMLoss"
            "sigmoid_focal_loss_with_classes"]
 
 
-def build_box_coder(config: Config) -> BoxCoder:
-    return BoxCoder(config.model.box_coder.weights, config.model.box_coder.clamp)
-
-
 def build_criterion(config: Config, num_classes: int, class_counts: Sequence[int] | None = None,
                     reduce_num_fg: Callable[[Tensor], Tensor] | None = None) -> RetinaNetCriterion:
     """`class_counts` (K,): training boxes per class, needed for loss.cls.class_balance_beta;
@@ -37,7 +33,7 @@ def build_criterion(config: Config, num_classes: int, class_counts: Sequence[int
     return RetinaNetCriterion(
         num_classes=num_classes,
         matcher=Matcher(fg_iou=m.fg_iou, bg_iou=m.bg_iou, allow_low_quality=m.allow_low_quality),
-        box_coder=build_box_coder(config),
+        box_coder=BoxCoder(config.model.box_coder.weights, config.model.box_coder.clamp),
         cls_loss=build_classification_loss(loss.cls), cls_weight=loss.cls.weight,
         class_weights=class_weights,
         box_loss=loss.box.type, smooth_l1_beta=loss.box.beta, box_weight=loss.box.weight,

@@ -231,7 +231,7 @@ def _match(impl: str, device, kernel: str = "auto"):
     from retinanet.config import load_config
     from retinanet.losses import build_criterion
     cfg = load_config(ROOT / "configs/torchvision/retinanet_resnet50_fpn.yaml", [f"loss.cls.kernel={kernel}"])
-    criterion = build_criterion(cfg, 91, None).to(device)
+    criterion = build_criterion(cfg, 91, None, device=device).to(device)
     from retinanet.model import build_anchor_generator
     sizes = [(-(-800 // s), -(-1216 // s)) for s in (8, 16, 32, 64, 128)]
     anchors = build_anchor_generator(cfg.model.anchors)(sizes, device, image_size=(800, 1216))
@@ -302,7 +302,7 @@ def _step(impl: str, device, amp: bool = False, scratch: bool = False):
     from retinanet.losses import build_criterion
     cfg, model = _our_model(device, scratch=scratch)
     model.train()
-    criterion = build_criterion(cfg, 91, None).to(device)
+    criterion = build_criterion(cfg, 91, None, device=device).to(device)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
     mean = torch.tensor(cfg.data.mean, device=device)[:, None, None]
     std = torch.tensor(cfg.data.std, device=device)[:, None, None]

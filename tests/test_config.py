@@ -70,6 +70,11 @@ def test_focal_kernel_reaches_the_loss_and_only_applies_to_focal_and_bce(tmp_pat
     from retinanet.losses import build_criterion
     cfg = load_config(write(tmp_path / "c.yaml", {}), ["loss.cls.kernel=compile"])
     assert build_criterion(cfg, 3).cls_loss.kernel == "compile"
+    # the device picks the matcher's and box loss's forms once (sync-free ones off the CPU)
+    for device, dense in (("cpu", False), ("cuda", True)):
+        crit = build_criterion(cfg, 3, device=device)
+        assert (crit._positive_box_loss == crit._dense_box_loss) is dense
+        assert (crit.matcher._add_low_quality == crit.matcher._low_quality_dense) is dense
     with pytest.raises(ConfigError, match="loss.cls.kernel"):
         load_config(write(tmp_path / "c.yaml", {}), ["loss.cls.type=ghm", "loss.cls.kernel=eager"])
 

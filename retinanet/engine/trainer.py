@@ -74,7 +74,8 @@ class Trainer:
         self.network = wrap_ddp(self.model, self.device)  # what the step runs; the parts use self.model
         self.criterion = build_criterion(
             config, config.model.num_classes, self.train_set.class_counts(),
-            reduce_num_fg=all_reduce_mean if self.dist.world_size > 1 else None).to(self.device)
+            reduce_num_fg=all_reduce_mean if self.dist.world_size > 1 else None,
+            device=self.device).to(self.device)
         self.optimizer = build_optimizer(config, self.model)
         self.scheduler = build_scheduler(config, self.optimizer)
         self.use_amp = train.amp and self.device.type == "cuda"

@@ -392,14 +392,14 @@ def test_bad_input_stops_training_start_with_the_file_and_line(tmp_path):
 
 
 def test_box_outside_the_image_is_clipped_with_a_counted_warning(tmp_path):
-    """The COCO policy (retinanet.data.checks): a box partly outside its image is a warning and
-    clipped in training; one without extent in the image an error, dropped (counted) in training."""
+    """The policy (retinanet.data.policy): a box partly outside its image is clipped, one without
+    extent in the image dropped (counted), both repaired: training goes on."""
     root = tiny_yolo(tmp_path, ["0 0.9 0.5 0.4 0.5", "1 0.5 0.5 0.2 0.2", "1 1.5 0.5 0.2 0.2"])
     images, labels = root / "images" / "train", root / "labels" / "train" / "a.txt"
     report = check_dataset(images, root / "data.yaml", read_images=False)
     outside, empty = report.issue("box_outside_image"), report.issue("zero_size_box")
-    assert outside.severity == "warning" and outside.first_ids == (f"{labels}:1",)
-    assert empty.severity == "error" and empty.first_ids == (f"{labels}:3",)
+    assert outside.outcome == "repaired" and outside.first_ids == (f"{labels}:1",)
+    assert empty.outcome == "repaired" and empty.first_ids == (f"{labels}:3",) and report.ok
     dataset = CocoDetection(images, root / "data.yaml", dataset=report.dataset)
     boxes, labels_ = dataset.targets(dataset.image_ids[0])
     np.testing.assert_allclose(boxes, [[28.0, 5.0, 40.0, 15.0], [16.0, 8.0, 24.0, 12.0]])

@@ -2,10 +2,12 @@
 
     python tools/check_dataset.py --images DIR --annotations PATH [--no-read]
                                   [--format auto|coco|voc|yolo] [--classes NAME ...]
+                                  [--skip-bad-images]
 
-Prints one line per problem (errors, then warnings) with counts and the first offending ids
-(for VOC and YOLO: the first files and lines).
-Exit code 0: no errors (warnings allowed); 1: errors found; 2: usage error (a path that does not
+Prints one line per problem with its count, the first offending ids (for VOC and YOLO: the first
+files and lines) and what training does with it (retinanet/data/policy.py): ERROR (training stops),
+SKIPPED (with data.skip_bad_images: true), REPAIRED (dropped, clipped or filled in) or NOTE.
+Exit code 0: nothing stops training; 1: something does; 2: usage error (a path that does not
 exist, a bad argument).
 """
 from __future__ import annotations
@@ -34,6 +36,9 @@ def main() -> int:
                         help="class names in label order (data.classes)")
     parser.add_argument("--no-read", action="store_true",
                         help="only check that image files exist; do not decode them (fast on COCO train)")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="judge as training with data.skip_bad_images=true does: missing, "
+                             "unreadable and mis-sized images are skipped, not errors")
     args = parser.parse_args()
     # A wrong path is a usage error (exit 2), not a finding about the dataset.
     annotations, images = Path(args.annotations), Path(args.images)
@@ -44,7 +49,7 @@ def main() -> int:
     # Imported only now: retinanet.data imports torch (seconds); a usage error should be instant.
     from retinanet.data.formats import check_dataset
     report = check_dataset(images, annotations, format=args.format, classes=args.classes,
-                           read_images=not args.no_read)
+                           read_images=not args.no_read).with_skip_bad_images(args.skip_bad_images)
     print(report.format())
     return 0 if report.ok else 1
 

@@ -1,15 +1,15 @@
-"""Checks a COCO instances dataset before training: `check_coco_dataset(images_dir, annotations)`.
-VOC and YOLO datasets are checked as the COCO dict they are read into (retinanet.data.formats),
-their readers' problems and the entries they made named by file and line.
+"""Checks a dataset before training: `check_coco_dataset(images_dir, annotations)` for a COCO
+instances json; VOC and YOLO datasets are checked as the COCO dict they are read into
+(retinanet.data.formats), their readers' problems and entries named by file and line. What
+training does with each problem, and so the report's verdict, is retinanet.data.policy.CHECKS.
 
 The raw json is read with plain `json`, not pycocotools: `COCO()` crashes on some of these errors
 and silently merges others (duplicate ids overwrite each other in its index dicts). Each problem
-is reported once, with how often it occurs and the first few offending ids, as an error (training
-or evaluation would crash, or silently learn from something else than the file says) or a warning
-(the pipeline copes, but you may not want it to).
+is reported once, with how often it occurs and the first few offending ids.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,82 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Hashable, Iterable
 
-import cv2
-
 from .coco import clipped_box
+from .images import decode_rgb
+from .policy import CHECKS, LABELS, consequence, outcome
 
 MAX_IDS = 5  # offending ids listed per problem
 # COCO json rounds coordinates to 2 decimals, so x + w may pass the image edge by round-off.
 EDGE_TOLERANCE = 0.01
-
-# check name -> (severity, what was found, consequence and what to do). The order is the order
-# of the report.
-CHECKS: dict[str, tuple[str, str, str]] = {
-    "annotation_file_missing": ("error", "annotation file not found", "check the path (--annotations)"),
-    "annotation_file_not_json": ("error", "annotation file is not valid JSON",
-                                 "nothing can be loaded; fix or regenerate the file"),
-    "not_coco_instances": ("error", "not a COCO instances json: missing or non-list key(s)",
-                           "the top level needs 'images', 'annotations' and 'categories' lists"),
-    # Problems of the VOC and YOLO readers (retinanet.data.voc, retinanet.data.yolo): training stops.
-    "xml_malformed": ("error", "annotation file(s) that are not well-formed XML", "fix or regenerate them"),
-    "listed_file_missing": ("error", "image set line(s) naming an id without an XML file",
-                            "add the file or remove the line"),
-    "bad_voc_object": ("error", "VOC object(s) without a <name> or 4 numeric <bndbox> corners", "fix them"),
-    "unknown_class": ("error", "VOC object(s) whose name is not in data.classes",
-                      "add the name to data.classes (--classes) or fix it"),
-    "bad_label_line": ("error", "label line(s) that are not 5 numbers 'class cx cy w h'", "fix the lines"),
-    "class_out_of_range": ("error", "label line(s) whose class index has no name",
-                           "fix the index or add the name to data.yaml"),
-    "label_without_image": ("error", "label file(s) without an image of the same name",
-                            "their boxes would be lost; add the image or remove the file"),
-    "images_dir_missing": ("error", "image folder not found",
-                           "check the path (--images); image files were not checked"),
-    "bad_image_entry": ("error", "image entry(ies) without an int/str 'id', a 'file_name' or a "
-                                 "positive 'width'/'height'",
-                        "the loader needs all four; fix the 'images' list"),
-    "duplicate_image_id": ("error", "image id(s) used by more than one image entry",
-                           "pycocotools keeps the last entry and gives it the annotations of all; "
-                           "give every image its own id"),
-    "image_missing": ("error", "image(s) whose file does not exist",
-                      "training stops when it reaches them; add the files or remove the entries"),
-    "image_unreadable": ("error", "image file(s) that cv2 cannot read or that are truncated",
-                         "training stops on them or learns from a half-grey image; "
-                         "re-export or remove them"),
-    "image_size_mismatch": ("error", "image(s) whose real size differs from the json width/height",
-                            "boxes are clipped to the json size and may be in another resolution "
-                            "than the file (a resized copy?); fix width/height or the file"),
-    "bad_annotation_entry": ("error", "annotation(s) without an int/str 'id', an 'image_id' or a "
-                                      "'category_id'",
-                             "the loader needs all three; fix the 'annotations' list"),
-    "duplicate_annotation_id": ("error", "annotation id(s) used by more than one annotation",
-                                "pycocotools indexes by id, so evaluation sees the last one twice; "
-                                "give every annotation its own id"),
-    "orphan_annotation": ("error", "annotation(s) referring to an image id that does not exist",
-                          "they are silently ignored; fix image_id or remove them"),
-    "unknown_category": ("error", "annotation(s) whose category_id is not in 'categories'",
-                         "the loader stops on them; add the category or fix category_id"),
-    "duplicate_category_id": ("error", "category id(s) used by more than one category",
-                              "pycocotools keeps only the last one; give every category its own id"),
-    "non_finite_box": ("error", "annotation(s) whose bbox is missing, not 4 numbers, NaN or inf",
-                       "the loader crashes on them or drops them; fix or remove them"),
-    "zero_size_box": ("error", "annotation(s) with no extent in their image (zero or negative "
-                               "width/height, under 0.01 px, or wholly outside)",
-                      "they are dropped in training; fix or remove them"),
-    "box_outside_image": ("warning", "box(es) extending outside their image",
-                          "they are clipped to the image in training"),
-    "missing_info": ("warning", "the json has no 'info' field",
-                     "some pycocotools versions (2.0.7) fail to evaluate without it; "
-                     "add \"info\": {}"),
-    "missing_area": ("warning", "annotation(s) without 'area'",
-                     "pycocotools evaluation fails without it (small/medium/large split); "
-                     "add w * h"),
-    "missing_iscrowd": ("warning", "annotation(s) without 'iscrowd'",
-                        "pycocotools evaluation fails without it; add \"iscrowd\": 0"),
-    "image_without_annotations": ("warning", "image(s) without annotations",
-                                  "they are kept as negatives (all background)"),
-    "unused_category": ("warning", "category(ies) with no annotation",
-                        "the model still gets an output for them; remove them if unintended"),
-}
 
 
 class Where(str):
@@ -104,53 +35,82 @@ class Where(str):
 class Issue:
     """One kind of problem: `count` occurrences, the first `MAX_IDS` offending ids (image,
     annotation or category ids as the check says; `#k` for an entry at list index k that has no
-    usable id) and a one-line human message."""
+    usable id) and a one-line message (count, what was found, detail, ids). Its outcome is for
+    the data.skip_bad_images setting `skip_bad_images`."""
     check: str
-    severity: str  # "error" | "warning"
     count: int
     first_ids: tuple
     message: str
+    skip_bad_images: bool = False
+
+    @property
+    def outcome(self) -> str:
+        return outcome(self.check, self.skip_bad_images)
+
+    @property
+    def severity(self) -> str:
+        """"error" when it stops training, else "warning"."""
+        return "error" if self.outcome == "stops" else "warning"
 
     def __str__(self) -> str:
-        level = "ERROR" if self.severity == "error" else "WARN"
-        return f"{level:<6} {self.check}: {self.message}"
+        return (f"{LABELS[self.outcome]:<8} {self.check}: {self.message} -- "
+                f"{consequence(self.check, self.skip_bad_images)}")
 
 
 @dataclass
 class DatasetReport:
-    """Result of `check_coco_dataset`: `errors` and `warnings` are lists of `Issue`."""
+    """Result of `check_coco_dataset`: `issues` in CHECKS order; `errors` are those that stop
+    training (with the data.skip_bad_images setting the issues are for), `warnings` the rest."""
     images_dir: Path
     annotations: Path
     read_images: bool
     num_images: int = 0
     num_annotations: int = 0
     num_categories: int = 0
-    errors: list[Issue] = field(default_factory=list)
-    warnings: list[Issue] = field(default_factory=list)
+    issues: list[Issue] = field(default_factory=list)
     # The parsed json (None when it could not be read): training builds its dataset from it
     # instead of parsing the file a second time.
     dataset: dict | None = field(default=None, repr=False)
 
     @property
+    def errors(self) -> list[Issue]:
+        return [i for i in self.issues if i.outcome == "stops"]
+
+    @property
+    def warnings(self) -> list[Issue]:
+        return [i for i in self.issues if i.outcome != "stops"]
+
+    @property
     def ok(self) -> bool:
-        """True when there is no error (warnings do not count)."""
+        """True when nothing stops training."""
         return not self.errors
 
     def issue(self, check: str) -> Issue | None:
         """The issue reported by `check` (a key of CHECKS), or None when that check passed."""
-        return next((i for i in self.errors + self.warnings if i.check == check), None)
+        return next((i for i in self.issues if i.check == check), None)
+
+    def with_skip_bad_images(self, skip_bad_images: bool) -> DatasetReport:
+        """The same report for another data.skip_bad_images setting."""
+        issues = [dataclasses.replace(i, skip_bad_images=skip_bad_images) for i in self.issues]
+        return dataclasses.replace(self, issues=issues)
 
     def format(self) -> str:
-        """Readable report: a header, one line per problem, a verdict line."""
+        """Readable report: a header, one line per problem saying what training does, a verdict."""
         files = "image files read" if self.read_images else "image files only checked to exist"
         lines = [f"{self.annotations} (images in {self.images_dir}): {self.num_images} images, "
                  f"{self.num_annotations} annotations, {self.num_categories} categories; {files}"]
         lines += [str(i) for i in self.errors + self.warnings]
+        counts = Counter(i.outcome for i in self.issues)
+        tally = (f"{counts['repaired']} repaired, {counts['skipped']} skipped, "
+                 f"{counts['kept']} note(s)")
         if self.ok:
-            lines.append(f"OK: no errors, {len(self.warnings)} warning(s)")
+            lines.append(f"OK: nothing stops training ({tally})")
         else:
-            lines.append(f"FAILED: {len(self.errors)} error(s), {len(self.warnings)} warning(s); "
-                         "fix the errors before training")
+            skippable = [i.check for i in self.errors if CHECKS[i.check].policy == "skippable"]
+            hint = (f"; or skip the images of {', '.join(skippable)} with "
+                    "data.skip_bad_images=true (--skip-bad-images)") if skippable else ""
+            lines.append(f"FAILED: {len(self.errors)} problem(s) stop training ({tally}); "
+                         f"fix them before training{hint}")
         return "\n".join(lines)
 
 
@@ -166,9 +126,9 @@ class _Findings:
         if detail is not None:
             self.details[check] = detail
 
-    def issues(self) -> tuple[list[Issue], list[Issue]]:
-        errors, warnings = [], []
-        for check, (severity, found, advice) in CHECKS.items():
+    def issues(self, skip_bad_images: bool) -> list[Issue]:
+        issues = []
+        for check, (_, found, _) in CHECKS.items():
             if check not in self.ids:
                 continue
             ids = [i for i in self.ids[check] if i is not None]
@@ -181,22 +141,23 @@ class _Findings:
                 more = ", ..." if len(ids) > MAX_IDS else ""
                 label = "at" if all(isinstance(i, Where) for i in first) else "first ids:"
                 message += f" ({label} {', '.join(str(i) for i in first)}{more})"
-            issue = Issue(check, severity, count, first, f"{message} -- {advice}")
-            (errors if severity == "error" else warnings).append(issue)
-        return errors, warnings
+            issues.append(Issue(check, count, first, message, skip_bad_images))
+        return issues
 
 
 def check_coco_dataset(images_dir: str | os.PathLike, annotations: str | os.PathLike, *,
                        read_images: bool = True, dataset: dict | None = None,
-                       problems: Iterable[tuple[str, str, str]] = ()) -> DatasetReport:
+                       problems: Iterable[tuple[str, str, str]] = (),
+                       skip_bad_images: bool = False) -> DatasetReport:
     """Checks a COCO instances json and its image folder; never raises on bad data.
 
-    read_images: decode every image with cv2 (as training does) to find unreadable or truncated
-    files and sizes that disagree with the json; False only checks that the files exist (reading
+    read_images: decode every image as training does (retinanet.data.images.decode_rgb) to find
+    unreadable or truncated files and upright sizes that disagree with the json; False only checks that the files exist (reading
     all of COCO train2017 takes minutes).
     dataset: the COCO dict already in memory (a VOC or YOLO dataset read by retinanet.data.formats)
     instead of the json file `annotations`; entries with a "source" are named by it, not their id.
     problems: (check, where, detail) found while reading it, reported with the rest.
+    skip_bad_images: the data.skip_bad_images setting the verdict is for (see CHECKS).
     """
     report = DatasetReport(Path(images_dir), Path(annotations), read_images)
     findings = _Findings()
@@ -213,7 +174,7 @@ def check_coco_dataset(images_dir: str | os.PathLike, annotations: str | os.Path
         cat_ids = _check_categories(cats, findings)
         image_sizes, image_refs = _check_images(images, report.images_dir, read_images, findings)
         _check_annotations(anns, image_sizes, image_refs, cat_ids, findings)
-    report.errors, report.warnings = findings.issues()
+    report.issues = findings.issues(skip_bad_images)
     return report
 
 
@@ -311,11 +272,11 @@ def _positive_size(image: dict) -> bool:
 def _check_image_file(path: Path, image_id: Hashable, json_size: tuple[float, float],
                       findings: _Findings) -> None:
     # libjpeg fills a truncated JPEG with grey and returns it (it only prints a warning), so the
-    # end-of-image marker is checked first; truncated PNGs make cv2 return None.
+    # end-of-image marker is checked first; truncated PNGs make the decoder return None.
     if _jpeg_truncated(path):
         findings.add("image_unreadable", [image_id])
         return
-    pixels = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)  # what the loader does
+    pixels = decode_rgb(path)  # what the loader does: upright, EXIF orientation applied
     if pixels is None:
         findings.add("image_unreadable", [image_id])
     elif (pixels.shape[1], pixels.shape[0]) != json_size:

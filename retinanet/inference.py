@@ -24,12 +24,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .data.coco import decode_rgb
+from .data.images import IMAGE_SUFFIXES, decode_rgb
 from .errors import ConfigError, DataError, MissingFileError
 from .visualize import save_detections
 
-# Extensions taken from a folder or a glob (case-insensitive); a single named file may have any.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# A folder or a glob gives its IMAGE_SUFFIXES files (case-insensitive); a named file may have any.
 _GLOB_CHARS = set("*?[")
 
 
@@ -45,7 +44,7 @@ def expand_inputs(spec: str | Path) -> tuple[list[Path], Path]:
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and _is_image(p))
         if not files:
-            raise MissingFileError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) in folder {spec}")
+            raise MissingFileError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in folder {spec}")
         return files, path
     if not _GLOB_CHARS & set(spec):
         raise MissingFileError(f"input not found: {spec} (give an image file, a folder or a glob "
@@ -59,7 +58,7 @@ def expand_inputs(spec: str | Path) -> tuple[list[Path], Path]:
 
 
 def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS
+    return path.suffix.lower() in IMAGE_SUFFIXES
 
 
 def read_rgb(path: str | Path) -> np.ndarray:

@@ -23,14 +23,13 @@ from typing import Callable, Iterable, Optional
 
 from ..errors import ConfigError, DataError, MissingFileError
 from .checks import CHECKS, DatasetReport, check_coco_dataset
+from .images import IMAGE_SUFFIXES
 from .voc import read_voc
 from .yolo import read_yolo
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "coco", "voc", "yolo")
-# Image files the VOC and YOLO readers list: ultralytics' image formats that OpenCV decodes.
-IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 COCO_LISTS = ("images", "annotations", "categories")
 
 

@@ -15,6 +15,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
+# Image files taken from a folder or a glob (inference) and listed by the VOC and YOLO readers,
+# compared lower-case: ultralytics' image formats that OpenCV decodes.
+IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+
 # EXIF orientations 5..8 turn the stored pixels by 90 degrees: width and height swap.
 _EXIF_ORIENTATION = 0x0112
 _SWAPS_SIDES = {5, 6, 7, 8}

@@ -1,28 +1,42 @@
 """The user-facing inference API.
 
     from retinanet import Detector
+    detector = Detector.from_checkpoint("runs/shapes_R18/model_final.pth")  # all from the file
     detector = Detector.from_config("configs/shapes_R18.yaml", weights="runs/shapes_R18/model_final.pth")
     detections = detector.predict([rgb_uint8_image])   # [{"boxes", "scores", "labels", "category_ids"}]
+
+What the labels mean (a class name and a dataset category id per label) comes from the weights
+file when it is a trainer checkpoint, which carries them with its config: the checkpoint is the
+truth about what its model predicts. Only a bare state dict (converted torchvision weights, a
+weights name) takes them from the config's dataset, in any of its formats.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
+import yaml
 from torch import Tensor
 
 from .compiling import CompiledOrNone
-from .config import Config, load_config
-from .data import Batch, Collate, build_transform, label_mapping, load_coco
+from .config import Config, _parse_override, _set_dotted, from_dict, load_config, validate
+from .data import Batch, Collate, build_transform, label_mapping, load_coco, read_dataset
 from .data.transforms import rgb_to_tensor
-from .errors import ConfigError, DataError
+from .errors import CheckpointError, ConfigError, DataError
 from .model import RetinaNet, RetinaNetOutput, build_model, use_fast_memory_format
 from .model.fold import fold_batchnorm
 from .model.winograd import use_winograd
 from .predictor import PostProcessor, build_postprocessor
-from .weights import load_model_weights
+from .weights import is_path, load_checkpoint, load_model_weights, load_state, unwrap_state_dict
+
+
+class Categories(NamedTuple):
+    """What a model's labels mean, and the file that says so."""
+    names: list[str]  # one per label 0..K-1
+    label_to_cat_id: dict[int, int] | None  # labels without a dataset category left out; None: unknown
+    source: str
 
 
 class Detector:
@@ -31,8 +45,10 @@ class Detector:
     def __init__(self, model: RetinaNet, *, transform: Callable[[dict], dict], postprocessor: PostProcessor,
                  size_divisibility: int, class_names: Sequence[str] | None = None,
                  label_to_cat_id: dict[int, int] | None = None, device: str | torch.device = "cpu",
-                 channels_last: bool | None = None, compile: bool = False, winograd: bool = False):
+                 channels_last: bool | None = None, compile: bool = False, winograd: bool = False,
+                 config: Config | None = None):
         self.device = torch.device(device)
+        self.config = config  # what from_config / from_checkpoint built it from
         self.model = use_fast_memory_format(model, self.device, channels_last)
         if compile and winograd and self.device.type == "cpu":
             # only the compiled graph computes by Winograd: the eager module (fallback, export)
@@ -54,26 +70,58 @@ class Detector:
         self._cat_id_lookup = torch.tensor([self.label_to_cat_id.get(i, -1) for i in range(num_classes)])
 
     @classmethod
+    def from_checkpoint(cls, path: str | Path, overrides: Sequence[str] = (),
+                        device: str | None = None) -> "Detector":
+        """Everything from a trainer checkpoint alone: the model of the config it carries (with
+        dotted `overrides`), its weights, class names and category ids. The device: `device`, else
+        train.device as overridden, else the GPU when there is one (the checkpoint's own
+        train.device is the training machine's). A file without a config (a bare state dict) is
+        a ConfigError: pass a config to from_config."""
+        if not is_path(path):
+            raise ConfigError(f"{path} is no checkpoint file; weights by name need the config of "
+                              "their model (--config configs/torchvision/..., or Detector.from_config)")
+        checkpoint = load_checkpoint(path)
+        config = checkpoint_config(checkpoint, path, overrides)
+        categories = _checkpoint_categories(checkpoint, path) or _dataset_categories(config)
+        return cls._build(config, categories, path, checkpoint, device)
+
+    @classmethod
     def from_config(cls, config: str | Path | Config, weights: str | Path | None = None,
                     overrides: Sequence[str] = (), device: str | None = None) -> "Detector":
         """Builds the model of `config` (a path or a Config) and loads `weights` (a trainer
-        checkpoint or a bare state dict; default: the config's model.weights). Class names and
-        category ids come from the config's validation (else training) annotations when that
-        file exists."""
+        checkpoint, a bare state dict or torchvision weights by name; default: the config's
+        model.weights). Class names and category ids: the checkpoint's when it carries them (a
+        ConfigError when the config's annotations name other classes), else those of the config's
+        validation (else training) dataset when it exists."""
         cfg = config if isinstance(config, Config) else load_config(config, overrides)
-        class_names, label_to_cat_id = _categories(cfg)
-        num_classes = cfg.model.num_classes or (len(class_names) if class_names else None)
+        weights = weights or cfg.model.weights
+        checkpoint = load_checkpoint(weights) if weights is not None and is_path(weights) else None
+        categories = _checkpoint_categories(checkpoint, weights)
+        dataset = _dataset_categories(cfg)
+        if categories and dataset:
+            check_same_classes(categories.names, categories.source, dataset.names, dataset.source)
+        return cls._build(cfg, categories or dataset, weights, checkpoint, device)
+
+    @classmethod
+    def _build(cls, cfg: Config, categories: Categories | None, weights: str | Path | None,
+               checkpoint: Mapping | None, device: str | None) -> "Detector":
+        """The Detector of `cfg` with `weights` (already read into `checkpoint` when a file)."""
+        names = categories.names if categories else None
+        num_classes = cfg.model.num_classes or (len(names) if names else None)
         if num_classes is None:
             raise ConfigError("model.num_classes is not set and no annotation file was found to "
-                             "derive it from (set data.val.annotations or model.num_classes)")
-        if class_names and len(class_names) != num_classes:
-            raise ConfigError(f"model.num_classes is {num_classes} but the dataset has "
-                             f"{len(class_names)} categories")
+                              "derive it from (set data.val.annotations or model.num_classes)")
+        if names and len(names) != num_classes:
+            raise ConfigError(f"model.num_classes is {num_classes} but {categories.source} names "
+                              f"{len(names)} classes")
+        label_to_cat_id = categories.label_to_cat_id if categories else None
         if label_to_cat_id is None and cfg.data.label_map == "category_id":
             label_to_cat_id = {i: i for i in range(num_classes)}  # no json to tell which are "N/A"
-        weights = weights or cfg.model.weights
         model = build_model(cfg.model, num_classes, load_backbone_weights=weights is None)
-        if weights is not None:
+        if checkpoint is not None:  # read once: the metadata above came from it
+            load_state(model, unwrap_state_dict(checkpoint, weights), source=weights,
+                       hint="check model.* in the config, e.g. num_classes")
+        elif weights is not None:
             load_model_weights(model, weights)
         device = device or ("cuda" if cfg.train.device == "auto" and torch.cuda.is_available()
                             else "cpu" if cfg.train.device == "auto" else cfg.train.device)
@@ -82,9 +130,9 @@ class Detector:
             model = fold_batchnorm(model)
         return cls(model.to(device), transform=build_transform(cfg.data, train=False),
                    postprocessor=build_postprocessor(cfg),
-                   size_divisibility=cfg.data.size_divisibility, class_names=class_names,
+                   size_divisibility=cfg.data.size_divisibility, class_names=names,
                    label_to_cat_id=label_to_cat_id, device=device, channels_last=cfg.model.channels_last,
-                   compile=cfg.model.compile_inference, winograd=cfg.model.winograd)
+                   compile=cfg.model.compile_inference, winograd=cfg.model.winograd, config=cfg)
 
     @torch.no_grad()
     def run_batch(self, batch: Batch) -> tuple[RetinaNetOutput, list[dict[str, Tensor]]]:
@@ -130,6 +178,75 @@ class Detector:
         return rgb_to_tensor(image, self.device)
 
 
+def load_detector(weights: str | Path, config: str | Path | None = None, overrides: Sequence[str] = (),
+                  device: str | None = None) -> Detector:
+    """The tools' rule for --weights with an optional --config: from_config with a config,
+    from_checkpoint without."""
+    if config is None:
+        return Detector.from_checkpoint(weights, overrides, device)
+    return Detector.from_config(config, weights=weights, overrides=overrides, device=device)
+
+
+def checkpoint_config(checkpoint: Mapping, source: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """The config a trainer checkpoint carries (YAML text), with dotted `overrides`; train.device
+    reset to auto first, the training machine's device being no guide to this one's."""
+    text = checkpoint.get("config") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(text, str):
+        raise ConfigError(f"{source} carries no config (a bare state dict, e.g. converted torchvision "
+                          "weights): pass the config of its model (--config configs/X.yaml, or "
+                          "Detector.from_config(config, weights=...))")
+    where = f"{source} (its config)"
+    data = yaml.safe_load(text)
+    if not isinstance(data, dict) or not isinstance(data.get("train", {}), dict):
+        raise CheckpointError(f"{where}: not a config mapping")
+    data.setdefault("train", {})["device"] = "auto"
+    for override in overrides:
+        _set_dotted(data, *_parse_override(override), source="command line")
+    config = from_dict(data, source=where)
+    validate(config)
+    return config
+
+
+def check_same_classes(model_names: Sequence[str], model_source: str | Path,
+                       dataset_names: Sequence[str], dataset_source: str | Path) -> None:
+    """ConfigError naming both files when a model's classes are not a dataset's, in label order."""
+    model_names, dataset_names = list(model_names), list(dataset_names)
+    if model_names == dataset_names:
+        return
+    first = next((i for i, (a, b) in enumerate(zip(model_names, dataset_names)) if a != b), None)
+    detail = "" if first is None else \
+        f" (label {first}: {model_names[first]!r} in the first, {dataset_names[first]!r} in the second)"
+    raise ConfigError(f"{model_source} predicts {len(model_names)} classes, {dataset_source} has "
+                      f"{len(dataset_names)}{detail}: use the config of the data it was trained on, "
+                      "or no config (the checkpoint's own: Detector.from_checkpoint, the tools "
+                      "without --config)")
+
+
+def _checkpoint_categories(checkpoint: Mapping | None, source: str | Path) -> Categories | None:
+    """The class names and category ids a trainer checkpoint carries; None when it has none."""
+    names = checkpoint.get("class_names") if isinstance(checkpoint, Mapping) else None
+    if names is None:
+        return None
+    ids = checkpoint.get("category_ids")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or \
+            (ids is not None and (not isinstance(ids, list) or len(ids) != len(names))):
+        raise CheckpointError(f"{source}: class_names and category_ids must be lists with a name "
+                              "and an id per label")
+    label_to_cat_id = None if ids is None else {i: int(c) for i, c in enumerate(ids) if int(c) >= 0}
+    return Categories(names, label_to_cat_id, str(source))
+
+
+def _dataset_categories(cfg: Config) -> Categories | None:
+    """The classes of the config's validation (else training) dataset, in whatever format it
+    is (coco, voc, yolo); None when neither annotation path exists."""
+    for split in (cfg.data.val, cfg.data.train):
+        if split.annotations and Path(split.annotations).exists():
+            dataset, _ = read_dataset(split.images, split.annotations, split.format, cfg.data.classes)
+            label_to_cat_id, names = label_mapping(load_coco(split.annotations, dataset), cfg.data.label_map)
+            return Categories(names, label_to_cat_id, str(split.annotations))
+    return None
+
+
 def _hw(image: np.ndarray | Tensor) -> tuple[int, int]:
     return (int(image.shape[1]), int(image.shape[2])) if isinstance(image, Tensor) else \
         (int(image.shape[0]), int(image.shape[1]))
@@ -145,11 +262,3 @@ def _check_image(image: np.ndarray | Tensor, index: int) -> np.ndarray | Tensor:
         raise DataError(f"image {index}: arrays must be RGB uint8 (H, W, 3), got "
                          f"{getattr(image, 'dtype', type(image))} {getattr(image, 'shape', '')}")
     return image
-
-
-def _categories(cfg: Config) -> tuple[list[str] | None, dict[int, int] | None]:
-    for split in (cfg.data.val, cfg.data.train):
-        if split.annotations and Path(split.annotations).is_file():
-            label_to_cat_id, names = label_mapping(load_coco(split.annotations), cfg.data.label_map)
-            return names, label_to_cat_id
-    return None, None

@@ -1,4 +1,5 @@
 import copy
+import re
 import warnings
 
 import numpy as np
@@ -6,7 +7,10 @@ import pytest
 import torch
 
 from retinanet import Detector
+from retinanet.config import config_to_yaml, load_config
 from retinanet.data import CocoDetection
+from retinanet.errors import ConfigError
+from retinanet.model import build_model
 from retinanet.model.winograd import WinogradConv2d
 
 from conftest import REPO_ROOT, tiny_overrides
@@ -193,3 +197,84 @@ def test_compiled_inference_falls_back_to_eager_with_a_warning(detector, monkeyp
     (eager,) = detector.predict(images)
     torch.testing.assert_close(out["scores"], eager["scores"], rtol=0, atol=0)
     torch.testing.assert_close(out["boxes"], eager["boxes"], rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Class names and category ids: the checkpoint's, else the config's dataset in any format
+# ---------------------------------------------------------------------------------------------
+def _save_checkpoint(path, config, names, category_ids):
+    """A trainer checkpoint's layout: weights of a len(names)-class model, config, names, ids."""
+    model = build_model(config.model, len(names), load_backbone_weights=False)
+    torch.save({"model": model.state_dict(), "config": config_to_yaml(config), "class_names": names,
+                "category_ids": category_ids}, path)
+    return path
+
+
+@pytest.fixture
+def shapes_config(shapes_dir, tmp_path):
+    """The tiny config, its validation json the shapes' (circle, square, triangle, star, cross)."""
+    return load_config(REPO_ROOT / "configs" / "shapes_R18.yaml", tiny_overrides(shapes_dir, tmp_path / "run"))
+
+
+def test_the_checkpoint_names_the_classes_and_a_disagreeing_dataset_is_an_error(shapes_config, tmp_path):
+    val_json = shapes_config.data.val.annotations
+    # the dataset's names with other ids: the checkpoint's ids are what the model was trained on
+    same = _save_checkpoint(tmp_path / "same.pth", shapes_config,
+                            ["circle", "square", "triangle", "star", "cross"], [3, 7, 11, 20, 42])
+    detector = Detector.from_config(shapes_config, weights=same)
+    assert detector.label_to_cat_id == {0: 3, 1: 7, 2: 11, 3: 20, 4: 42}
+    other = _save_checkpoint(tmp_path / "other.pth", shapes_config, ["a", "b", "c", "d", "e"], [1, 2, 3, 4, 5])
+    with pytest.raises(ConfigError, match=re.escape(f"{other} predicts 5 classes, {val_json} has 5 (label 0: "
+                                                    "'a' in the first, 'circle' in the second)")):
+        Detector.from_config(shapes_config, weights=other)
+    three = _save_checkpoint(tmp_path / "three.pth", shapes_config, ["a", "b", "c"], [1, 2, 3])
+    with pytest.raises(ConfigError, match=re.escape(f"{three} predicts 3 classes, {val_json} has 5")):
+        Detector.from_config(shapes_config, weights=three)
+    # the checkpoint alone does not consult the dataset its config names
+    assert Detector.from_checkpoint(other).class_names == ["a", "b", "c", "d", "e"]
+    assert Detector.from_checkpoint(three).label_to_cat_id == {0: 1, 1: 2, 2: 3}
+
+
+def test_a_bare_state_dict_needs_a_config(shapes_config, tmp_path):
+    path = tmp_path / "bare.pth"
+    torch.save(build_model(shapes_config.model, 5, load_backbone_weights=False).state_dict(), path)
+    with pytest.raises(ConfigError, match=re.escape(f"{path} carries no config") + ".*--config"):
+        Detector.from_checkpoint(path)
+    with pytest.raises(ConfigError, match="RetinaNet_ResNet50_FPN_Weights.COCO_V1 is no checkpoint file; "
+                                          "weights by name need the config of their model"):
+        Detector.from_checkpoint("RetinaNet_ResNet50_FPN_Weights.COCO_V1")  # nothing downloaded
+    detector = Detector.from_config(shapes_config, weights=path)  # the dataset names the classes
+    assert detector.class_names == ["circle", "square", "triangle", "star", "cross"]
+
+
+def _voc(root):
+    """Two VOC XML files (no images needed: each has its <size>) with classes dog and cat."""
+    (root / "Annotations").mkdir(parents=True)
+    for stem, name in (("a", "dog"), ("b", "cat")):
+        (root / "Annotations" / f"{stem}.xml").write_text(
+            f"<annotation><filename>{stem}.jpg</filename><size><width>64</width><height>48</height>"
+            f"</size><object><name>{name}</name><bndbox><xmin>2</xmin><ymin>3</ymin><xmax>20</xmax>"
+            "<ymax>30</ymax></bndbox></object></annotation>")
+    return root / "JPEGImages", root
+
+
+def _yolo(root):
+    """An ultralytics layout whose data.yaml names zebra and ant (in that order)."""
+    (root / "labels" / "val").mkdir(parents=True)
+    (root / "images" / "val").mkdir(parents=True)
+    (root / "data.yaml").write_text("names: [zebra, ant]\n")
+    return root / "images" / "val", root / "labels" / "val"
+
+
+@pytest.mark.parametrize("form, write, names", [("voc", _voc, ["cat", "dog"]),
+                                                ("yolo", _yolo, ["zebra", "ant"])])
+def test_a_bare_state_dict_takes_the_classes_of_a_dataset_in_any_format(shapes_dir, tmp_path, form, write,
+                                                                        names):
+    images, annotations = write(tmp_path / form)
+    config = load_config(REPO_ROOT / "configs" / "shapes_R18.yaml", tiny_overrides(shapes_dir, tmp_path / "run") + [
+        f"data.val.images={images}", f"data.val.annotations={annotations}", f"data.val.format={form}",
+        "data.train.annotations=none.json"])
+    path = tmp_path / "bare.pth"
+    torch.save(build_model(config.model, 2, load_backbone_weights=False).state_dict(), path)
+    detector = Detector.from_config(config, weights=path)
+    assert detector.class_names == names and detector.label_to_cat_id == {0: 1, 1: 2}

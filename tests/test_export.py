@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -12,6 +13,7 @@ import warnings
 import pytest
 import torch
 
+from retinanet.errors import ConfigError
 from retinanet.export import (OUTPUT_NAMES, check_onnx_opset, compare_outputs, export_onnx,
                               export_torchscript, mismatch, run_onnx)
 from retinanet.model import AnchorGenerator, build_model
@@ -318,3 +320,16 @@ def test_tool_exits_1_when_the_file_loses_a_detection(shapes_dir, tmp_path, weig
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'model.pt'} does not reproduce eager")
     assert "num_detections differ for 1 image(s); 1 detection(s) have no counterpart" in err[0]
+
+
+def test_tool_without_config_needs_a_trainer_checkpoint(tmp_path, weights, monkeypatch):
+    """--config is optional for a checkpoint that carries one (tests/test_from_checkpoint.py); a
+    bare state dict without it is a ConfigError asking for it, before anything is written."""
+    spec = importlib.util.spec_from_file_location("export_tool", REPO_ROOT / "tools" / "export.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    monkeypatch.setattr(sys, "argv", ["export.py", "--weights", str(weights), "--format", "torchscript",
+                                      "--output", str(tmp_path / "model.pt")])
+    with pytest.raises(ConfigError, match=re.escape(f"{weights} carries no config") + r".*\(--config"):
+        tool.main()
+    assert not (tmp_path / "model.pt").exists()

@@ -156,6 +156,19 @@ def test_unreadable_image_exits_2_naming_it(setup, tmp_path, monkeypatch, capsys
     assert str(broken) in stderr and "--skip-bad" in stderr
 
 
+def test_a_bare_state_dict_without_config_exits_2_asking_for_one(setup, tmp_path, monkeypatch, capsys):
+    # a trainer checkpoint needs no --config (tests/test_from_checkpoint.py); this file has none
+    monkeypatch.setattr(sys, "argv", ["infer.py", "--weights", str(setup["weights"]), "--input",
+                                      str(setup["val"]), "--output", str(tmp_path / "out")])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO_ROOT / "tools" / "infer.py"), run_name="__main__")
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith(f"error: {setup['weights']} carries no config") and stderr.count("\n") == 1
+    assert "pass the config of its model (--config" in stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_no_match_exits_2_naming_the_pattern(setup, tmp_path):
     pattern = str(tmp_path / "nothing" / "*.jpg")
     proc = _start(setup, pattern, tmp_path / "out")

@@ -1,10 +1,19 @@
-"""Evaluate weights with COCO mAP: python tools/eval.py --config configs/X.yaml --weights W.pth [key=value ...]
+"""Evaluate weights with COCO mAP:
+
+    python tools/eval.py --weights W.pth [--config configs/X.yaml] [--output DIR] [key=value ...]
+
+A trainer checkpoint carries its config (validation split, model, postprocessing), class names and
+category ids, so --config is only needed for a bare state dict; key=value overrides apply to
+either, e.g. data.val.images=... data.val.annotations=... to score another split. The split must
+name the classes the model predicts, in the same order.
 
 Prints the 12-number COCO summary and per-class AP; writes coco_results.json and metrics.json to
---output (default: <output_dir>/eval) and a few images with drawn detections to <output>/vis.
+--output (default: <output_dir>/eval with --config, else eval/ beside the weights) and a few
+images with drawn detections to <output>/vis.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -15,18 +24,23 @@ from retinanet.cli import config_parser, run_cli  # noqa: E402
 
 def main() -> int:
     parser = config_parser(__doc__)
-    parser.add_argument("--weights", required=True, help="checkpoint or state dict (.pth)")
-    parser.add_argument("--output", default=None, help="folder for results (default <output_dir>/eval)")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    # --config optional: a trainer checkpoint carries its own (needed for a bare state dict)
+    next(a for a in parser._actions if a.dest == "config").required = False
+    parser.add_argument("--weights", required=True, help="checkpoint (.pth); a bare state dict needs --config")
+    parser.add_argument("--output", default=None,
+                        help="folder for results (default <output_dir>/eval, or eval/ beside the weights)")
     args = parser.parse_args()
-    from retinanet import Detector
-    from retinanet.config import load_config
     from retinanet.data import build_dataset
+    from retinanet.detector import check_same_classes, load_detector
     from retinanet.engine.validation import build_evaluator, write_visualizations
 
-    config = load_config(args.config, args.overrides)
-    detector = Detector.from_config(config, weights=args.weights)
+    detector = load_detector(args.weights, args.config, args.overrides)
+    config = detector.config
     dataset = build_dataset(config.data, train=False)
-    output = Path(args.output or Path(config.output_dir) / "eval")
+    check_same_classes(detector.class_names, args.weights, dataset.class_names, dataset.annotations_file)
+    default = Path(config.output_dir) if args.config else Path(args.weights).parent
+    output = Path(args.output or default / "eval")
     evaluator = build_evaluator(config, dataset, output_dir=output, progress=sys.stderr.isatty())
     result = evaluator(detector.predict_batch)
     write_visualizations(dataset, result["predictions"], output / "vis", config.eval.num_vis_images,

@@ -1,7 +1,9 @@
 """Export a model for deployment, with anchors, box decoding and NMS inside the graph:
 
-    python tools/export.py --config configs/X.yaml --weights W.pth --format onnx|torchscript \
-        --output FILE [--opset 17] [--height H --width W] [key=value ...]
+    python tools/export.py --weights W.pth --format onnx|torchscript --output FILE \
+        [--config configs/X.yaml] [--opset 17] [--height H --width W] [key=value ...]
+
+A trainer checkpoint carries its config: --config is only needed for a bare state dict.
 
 The exported graph takes normalised, padded float images (B, 3, H, W), H and W multiples of the
 config's data.size_divisibility, and returns boxes (B, D, 4) xyxy in the input's pixels, scores
@@ -32,7 +34,9 @@ EXAMPLE_BATCH = 2  # more than 1, so that nothing in the trace can take the batc
 def main() -> int:
     parser = config_parser(__doc__)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--weights", required=True, help="checkpoint or state dict (.pth)")
+    # --config optional: a trainer checkpoint carries its own (needed for a bare state dict)
+    next(a for a in parser._actions if a.dest == "config").required = False
+    parser.add_argument("--weights", required=True, help="checkpoint (.pth); a bare state dict needs --config")
     parser.add_argument("--format", required=True, choices=["onnx", "torchscript"])
     parser.add_argument("--output", required=True, help="file to write (.onnx or .pt)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 16; default 17)")
@@ -40,7 +44,6 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=None, help="example input width")
     args = parser.parse_args()
     from retinanet import export
-    from retinanet.config import load_config
 
     if args.format == "onnx":  # before any model work: say what is missing at once
         try:
@@ -48,15 +51,15 @@ def main() -> int:
         except ModuleNotFoundError as error:
             raise ConfigError(str(error)) from None
         export.check_onnx_opset(args.opset)
-    config = load_config(args.config, args.overrides)
-    height, width = _example_size(config.data, args.height, args.width)
 
     import torch
 
-    from retinanet import Detector
+    from retinanet.detector import load_detector
     from retinanet.predictor import Predictor
 
-    detector = Detector.from_config(config, weights=args.weights, device="cpu")
+    detector = load_detector(args.weights, args.config, args.overrides, device="cpu")
+    config = detector.config
+    height, width = _example_size(config.data, args.height, args.width)
     model = Predictor(detector.model, postprocessor=detector.postprocessor)
     model = export.prepare_for_export(model)
     images = torch.randn(EXAMPLE_BATCH, 3, height, width, generator=torch.Generator().manual_seed(0))

@@ -1,7 +1,10 @@
 """Detect objects in image files and draw them:
 
-    python tools/infer.py --config configs/X.yaml --weights W.pth --input IMAGE|FOLDER|'GLOB' \\
-        --output DIR [--score 0.3] [--batch-size N] [--skip-bad] [key=value ...]
+    python tools/infer.py --weights W.pth --input IMAGE|FOLDER|'GLOB' --output DIR \\
+        [--config configs/X.yaml] [--score 0.3] [--batch-size N] [--skip-bad] [key=value ...]
+
+A trainer checkpoint carries its config, class names and category ids: --config is only needed
+for a bare state dict (converted torchvision weights); key=value overrides apply to either.
 
 Writes DIR/<image stem>.png with the detections of score >= --score drawn (boxes, class names,
 scores) and DIR/detections.json: a COCO instances file ("images" with id = index in the input
@@ -26,7 +29,9 @@ from retinanet.cli import config_parser, positive_int, run_cli  # noqa: E402
 def main() -> int:
     parser = config_parser(__doc__)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--weights", required=True, help="checkpoint or state dict (.pth)")
+    # --config optional: a trainer checkpoint carries its own (needed for a bare state dict)
+    next(a for a in parser._actions if a.dest == "config").required = False
+    parser.add_argument("--weights", required=True, help="checkpoint (.pth); a bare state dict needs --config")
     parser.add_argument("--input", required=True, help="an image file, a folder of images or a quoted glob")
     parser.add_argument("--output", required=True, help="folder for the drawn images and detections.json")
     parser.add_argument("--score", type=float, default=0.3,
@@ -40,12 +45,11 @@ def main() -> int:
     from retinanet.inference import expand_inputs
 
     files, root = expand_inputs(args.input)  # before loading the model: a typo fails at once
-    from retinanet import Detector
-    from retinanet.config import load_config
+    from retinanet.detector import load_detector
     from retinanet.inference import infer_files
 
-    config = load_config(args.config, args.overrides)
-    detector = Detector.from_config(config, weights=args.weights)
+    detector = load_detector(args.weights, args.config, args.overrides)
+    config = detector.config
     summary = infer_files(detector, files, root, args.output, score_thresh=args.score,
                           batch_size=args.batch_size or config.eval.batch_size, skip_bad=args.skip_bad)
     output = Path(args.output)

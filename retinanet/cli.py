@@ -17,9 +17,12 @@ class _IntermixedParser(argparse.ArgumentParser):
         return self.parse_intermixed_args(args, namespace)
 
 
-def config_parser(description: str) -> argparse.ArgumentParser:
+def config_parser(description: str, *, config_required: bool = True) -> argparse.ArgumentParser:
+    """`config_required=False` for tools that can take the config a checkpoint carries."""
     parser = _IntermixedParser(description=description)
-    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--config", required=config_required,
+                        help="YAML config file" + ("" if config_required else
+                                                   " (default: the one the checkpoint carries)"))
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted config overrides anywhere on the line, e.g. train.max_iter=100")
     return parser

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Sequence, Union
 
 import yaml
 
@@ -313,11 +313,15 @@ class Config:
 # --------------------------------------------------------------------------------------------
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Reads `path` (following `_base_`), applies `key.sub=value` overrides, checks the schema."""
-    merged = _read_with_bases(Path(path), seen=())
+    return _checked(_read_with_bases(Path(path), seen=()), str(path), overrides)
+
+
+def _checked(data: dict, source: str, overrides: Sequence[str]) -> Config:
+    """`data` with the dotted overrides applied, as a schema-checked Config."""
     for override in overrides:
         key, value = _parse_override(override)
-        _set_dotted(merged, key, value, source="command line")
-    config = from_dict(merged, source=str(path))
+        _set_dotted(data, key, value, source="command line")
+    config = from_dict(data, source=source)
     validate(config)
     return config
 
@@ -335,14 +339,14 @@ def config_to_yaml(config: Config) -> str:
     return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
-def config_from_yaml(text: str, source: str = "<yaml>") -> Config:
-    """Inverse of config_to_yaml, checked against the schema like a config file."""
+def config_from_yaml(text: str, source: str = "<yaml>", overrides: Sequence[str] = (),
+                     defaults: Sequence[str] = ()) -> Config:
+    """Inverse of config_to_yaml, checked against the schema like a config file, with dotted
+    `defaults` and then `overrides` applied (so an override wins over a default)."""
     data = yaml.safe_load(text)
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: config must be a mapping, got {type(data).__name__}")
-    config = from_dict(data, source=source)
-    validate(config)
-    return config
+    return _checked(data, source, [*defaults, *overrides])
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -17,11 +17,10 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
-import yaml
 from torch import Tensor
 
 from .compiling import CompiledOrNone
-from .config import Config, _parse_override, _set_dotted, from_dict, load_config, validate
+from .config import Config, config_from_yaml, load_config
 from .data import Batch, Collate, build_transform, label_mapping, load_coco, read_dataset
 from .data.transforms import rgb_to_tensor
 from .errors import CheckpointError, ConfigError, DataError
@@ -195,16 +194,7 @@ def checkpoint_config(checkpoint: Mapping, source: str | Path, overrides: Sequen
         raise ConfigError(f"{source} carries no config (a bare state dict, e.g. converted torchvision "
                           "weights): pass the config of its model (--config configs/X.yaml, or "
                           "Detector.from_config(config, weights=...))")
-    where = f"{source} (its config)"
-    data = yaml.safe_load(text)
-    if not isinstance(data, dict) or not isinstance(data.get("train", {}), dict):
-        raise CheckpointError(f"{where}: not a config mapping")
-    data.setdefault("train", {})["device"] = "auto"
-    for override in overrides:
-        _set_dotted(data, *_parse_override(override), source="command line")
-    config = from_dict(data, source=where)
-    validate(config)
-    return config
+    return config_from_yaml(text, f"{source} (its config)", overrides, defaults=["train.device=auto"])
 
 
 def check_same_classes(model_names: Sequence[str], model_source: str | Path,

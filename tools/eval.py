@@ -23,10 +23,8 @@ from retinanet.cli import config_parser, run_cli  # noqa: E402
 
 
 def main() -> int:
-    parser = config_parser(__doc__)
+    parser = config_parser(__doc__, config_required=False)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    # --config optional: a trainer checkpoint carries its own (needed for a bare state dict)
-    next(a for a in parser._actions if a.dest == "config").required = False
     parser.add_argument("--weights", required=True, help="checkpoint (.pth); a bare state dict needs --config")
     parser.add_argument("--output", default=None,
                         help="folder for results (default <output_dir>/eval, or eval/ beside the weights)")

@@ -32,10 +32,8 @@ EXAMPLE_BATCH = 2  # more than 1, so that nothing in the trace can take the batc
 
 
 def main() -> int:
-    parser = config_parser(__doc__)
+    parser = config_parser(__doc__, config_required=False)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    # --config optional: a trainer checkpoint carries its own (needed for a bare state dict)
-    next(a for a in parser._actions if a.dest == "config").required = False
     parser.add_argument("--weights", required=True, help="checkpoint (.pth); a bare state dict needs --config")
     parser.add_argument("--format", required=True, choices=["onnx", "torchscript"])
     parser.add_argument("--output", required=True, help="file to write (.onnx or .pt)")

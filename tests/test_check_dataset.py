@@ -365,7 +365,8 @@ def test_training_start_skips_repairs_and_keeps_with_counted_lines(tmp_path):
     assert any(line.startswith("data.train: REPAIRED missing_area: 3 annotation(s)") for line in logs)
     assert dataset.report_dropped() == 1 and len(dataset.targets(2)[0]) == 1
     anns = dataset.coco.dataset["annotations"]  # filled in as the lines say
-    assert [(a["area"], a["iscrowd"]) for a in anns] == [(80.0, 0), (160.0, 0), (0.0, 0)]
+    assert [(a["area"], a["iscrowd"]) for a in anns] == [(80.0, 0), (160.0, 0)]
+    assert 3 not in dataset.coco.anns  # dropped from the evaluation's ground truth too
     assert dataset.coco.dataset["info"] == {}
 
     dataset, logs = _start(*tiny_coco(tmp_path / "kept", "kept"))

@@ -121,3 +121,13 @@ def test_json_size_of_the_stored_pixels_is_an_error(tmp_path, caplog):
                              replace_bad_images=False)
     assert skipping[0] == {"image_id": 1, "unreadable": str(path)}
     assert "json says 48x64" in caplog.text
+
+
+def test_truncated_jpeg_is_unreadable(tmp_path):
+    """libjpeg decodes a JPEG cut short (grey where data is missing) with only a warning: the
+    loader must see it as unreadable, as the dataset checker does."""
+    path, _ = write("exif_rotated.jpg", tmp_path)
+    data = path.read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[:-40])  # the end of the scan and its end marker
+    assert cv2.imread(str(tmp_path / "cut.jpg")) is not None  # what the check guards against
+    assert decode_rgb(tmp_path / "cut.jpg") is None and decode_rgb(path) is not None

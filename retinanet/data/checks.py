@@ -273,24 +273,11 @@ def _check_image_file(path: Path, image_id: Hashable, json_size: tuple[float, fl
                       findings: _Findings) -> None:
     # libjpeg fills a truncated JPEG with grey and returns it (it only prints a warning), so the
     # end-of-image marker is checked first; truncated PNGs make the decoder return None.
-    if _jpeg_truncated(path):
-        findings.add("image_unreadable", [image_id])
-        return
     pixels = decode_rgb(path)  # what the loader does: upright, EXIF orientation applied
     if pixels is None:
         findings.add("image_unreadable", [image_id])
     elif (pixels.shape[1], pixels.shape[0]) != json_size:
         findings.add("image_size_mismatch", [image_id])
-
-
-def _jpeg_truncated(path: Path) -> bool:
-    """True for a JPEG (by its magic bytes) without the end-of-image marker near its end."""
-    with open(path, "rb") as f:
-        if f.read(2) != b"\xff\xd8":
-            return False
-        f.seek(0, os.SEEK_END)
-        f.seek(max(0, f.tell() - 1024))  # some writers pad after the marker
-        return b"\xff\xd9" not in f.read()
 
 
 def _is_number(value: Any) -> bool:

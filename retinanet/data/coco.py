@@ -131,6 +131,12 @@ class CocoDetection(Dataset):
         self._dropped: list[int] = []  # ids of degenerate annotations left out
         self._size_mismatch: set[int] = set()  # ids of images whose file is not the json's size
         self._targets = {i: self._load_targets(i) for i in self.image_ids}
+        if self._dropped:  # out of the evaluation's ground truth too: no target, no missed object
+            dropped = set(self._dropped)
+            self.coco.dataset = dict(self.coco.dataset, annotations=[
+                a for a in self.coco.dataset["annotations"] if a.get("id") not in dropped])
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.coco.createIndex()
 
     @property
     def num_classes(self) -> int:

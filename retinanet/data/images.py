@@ -25,10 +25,24 @@ _SWAPS_SIDES = {5, 6, 7, 8}
 
 
 def decode_rgb(path: str | Path) -> np.ndarray | None:
-    """An image file -> upright RGB uint8 (H, W, 3), or None when it is missing or cannot be decoded."""
+    """An image file -> upright RGB uint8 (H, W, 3), or None when it is missing, truncated or
+    cannot be decoded."""
     path = Path(path)
-    image = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR) if path.is_file() else None
+    if not path.is_file() or jpeg_truncated(path):
+        return None
+    image = cv2.imread(os.fspath(path), cv2.IMREAD_COLOR)
     return None if image is None else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def jpeg_truncated(path: Path) -> bool:
+    """True for a JPEG (by its magic bytes) without the end-of-image marker near its end: libjpeg
+    fills the missing part with grey and only warns, so cv2 would return a damaged picture."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"\xff\xd8":
+            return False
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 1024))  # some writers pad after the marker
+        return b"\xff\xd9" not in f.read()
 
 
 def image_size(path: str | Path) -> tuple[int, int]:

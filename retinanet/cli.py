@@ -28,6 +28,18 @@ def config_parser(description: str, *, config_required: bool = True) -> argparse
     return parser
 
 
+def dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    """--images, --annotations, --format and --classes: one split of a dataset in any format."""
+    parser.add_argument("--images", required=True, help="image folder (data.<split>.images)")
+    parser.add_argument("--annotations", required=True,
+                        help="COCO json, VOC Annotations folder or ImageSets list, YOLO data.yaml "
+                             "or labels folder (data.<split>.annotations)")
+    parser.add_argument("--format", choices=["auto", "coco", "voc", "yolo"], default="auto",
+                        help="dataset format (default auto: from what --annotations names)")
+    parser.add_argument("--classes", nargs="+", default=None, metavar="NAME",
+                        help="class names in label order (data.classes)")
+
+
 def positive_int(text: str) -> int:
     """argparse type for counts such as --batch-size."""
     value = int(text)

@@ -18,22 +18,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retinanet.cli import run_cli  # noqa: E402
+from retinanet.cli import dataset_arguments, run_cli  # noqa: E402
 from retinanet.errors import MissingFileError  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", required=True,
-                        help="image folder (data.<split>.images)")
-    parser.add_argument("--annotations", required=True,
-                        help="COCO json, VOC Annotations folder or ImageSets list, YOLO data.yaml "
-                             "or labels folder (data.<split>.annotations)")
-    parser.add_argument("--format", choices=["auto", "coco", "voc", "yolo"], default="auto",
-                        help="dataset format (default auto: from what --annotations names)")
-    parser.add_argument("--classes", nargs="+", default=None, metavar="NAME",
-                        help="class names in label order (data.classes)")
+    dataset_arguments(parser)
     parser.add_argument("--no-read", action="store_true",
                         help="only check that image files exist; do not decode them (fast on COCO train)")
     parser.add_argument("--skip-bad-images", action="store_true",

@@ -1,6 +1,8 @@
 """Image kinds as users have them decode to the same upright RGB picture, with the size readers record."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -131,3 +133,20 @@ def test_truncated_jpeg_is_unreadable(tmp_path):
     (tmp_path / "cut.jpg").write_bytes(data[:-40])  # the end of the scan and its end marker
     assert cv2.imread(str(tmp_path / "cut.jpg")) is not None  # what the check guards against
     assert decode_rgb(tmp_path / "cut.jpg") is None and decode_rgb(path) is not None
+
+
+def test_inference_reads_every_kind_upright(tmp_path):
+    """tools/infer.py's path (infer_files) on one file of each kind: every file is read and
+    predicted on, at the upright size a viewer shows (the sizes the json records)."""
+    from retinanet import Detector
+    from retinanet.inference import infer_files
+
+    folder = tmp_path / "kinds"
+    folder.mkdir()
+    files = [write(kind, folder)[0] for kind in KINDS]
+    config = Path(__file__).resolve().parents[1] / "configs" / "shapes_R18.yaml"
+    detector = Detector.from_config(config, overrides=["model.num_classes=5"], device="cpu")  # random weights
+    summary = infer_files(detector, files, folder, tmp_path / "out", draw=False, log=lambda _: None)
+    assert summary.num_images == len(KINDS) and not summary.skipped
+    sizes = {Path(i["file_name"]).name: (i["height"], i["width"]) for i in summary.document["images"]}
+    assert sizes == {f.name: (HEIGHT, WIDTH) for f in files}

@@ -51,20 +51,34 @@ class PostProcessor(nn.Module):
                 output_sizes: Optional[Sequence[tuple[int, int]]] = None) -> list[dict[str, Tensor]]:
         levels = list(num_anchors_per_level)
         sizes = torch.tensor(image_sizes, dtype=torch.float32, device=cls_logits.device).reshape(-1, 2)
-        boxes, scores, labels, counts = self.padded(
+        boxes, scores, labels, image_idx = self.detections(
             list(cls_logits.split(levels, dim=1)), list(box_deltas.split(levels, dim=1)),
             list(anchors.split(levels)), sizes)
+        # padded's rows without the padding: the same rank rule, cut instead of slotted
+        order, image_sorted, rank, per_image = _rank_in_image(image_idx, sizes.shape[0])
+        fits = rank < self.max_detections
+        keep, image_idx = order[fits], image_sorted[fits]
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         if output_sizes is not None:
             out = torch.tensor(output_sizes, dtype=torch.float32, device=sizes.device).reshape(-1, 2)
-            boxes = boxes * (out / sizes)[:, None, [1, 0, 1, 0]]  # (sy, sx) per image
-        return [{"boxes": b[:n], "scores": s[:n], "labels": lab[:n]}
-                for b, s, lab, n in zip(boxes, scores, labels, counts.tolist())]
+            boxes = boxes * (out / sizes)[image_idx][:, [1, 0, 1, 0]]  # (sy, sx) per box
+        counts = per_image.clamp(max=self.max_detections).tolist()
+        return [{"boxes": b, "scores": s, "labels": lab}
+                for b, s, lab in zip(boxes.split(counts), scores.split(counts), labels.split(counts))]
 
     def padded(self, cls_logits: List[Tensor], box_deltas: List[Tensor], anchors: List[Tensor],
                image_sizes: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
         """Per level cls_logits [(B, A_l, K)], box_deltas [(B, A_l, 4)], anchors [(A_l, 4)], and
         image_sizes (B, 2) (h, w) to clip each image's boxes to -> (boxes (B, D, 4), scores (B, D),
         labels (B, D) int64, num_detections (B,) int64), padded as the module docstring says."""
+        boxes, scores, labels, image_idx = self.detections(cls_logits, box_deltas, anchors, image_sizes)
+        return _pad_per_image(boxes, scores, labels, image_idx, cls_logits[0].shape[0],
+                              self.max_detections)
+
+    def detections(self, cls_logits: List[Tensor], box_deltas: List[Tensor], anchors: List[Tensor],
+                   image_sizes: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """padded's inputs -> the whole batch's detections after NMS, by decreasing score: boxes
+        (N, 4), scores (N,), labels (N,), image_idx (N,), before the per-image limit."""
         num_classes = cls_logits[0].shape[-1]
         softmax = self.activation == "softmax"
         all_boxes, all_scores, all_labels, all_images = [], [], [], []  # List[Tensor] in TorchScript
@@ -91,8 +105,7 @@ class PostProcessor(nn.Module):
         sizes = image_sizes.to(device=boxes.device, dtype=torch.float32)[image_idx]  # (N, 2)
         boxes = clip_boxes(boxes, sizes[:, 0], sizes[:, 1])
         keep = batched_nms(boxes, scores, image_idx * num_classes + labels, self.nms_thresh)
-        return _pad_per_image(boxes[keep], scores[keep], labels[keep], image_idx[keep],
-                              cls_logits[0].shape[0], self.max_detections)
+        return boxes[keep], scores[keep], labels[keep], image_idx[keep]
 
 
 class Predictor(nn.Module):
@@ -119,16 +132,7 @@ def _pad_per_image(boxes: Tensor, scores: Tensor, labels: Tensor, image_idx: Ten
                    limit: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Detections (N, ...) of the whole batch, by decreasing score -> the first `limit` of each
     image in (B, limit, ...) slots, padded with zeros and label -1, and the counts (B,)."""
-    num_kept = image_idx.shape[0]
-    position = torch.arange(num_kept, device=image_idx.device)
-    # Group by image, keeping the score order within each: the keys are unique, so any sort
-    # (ONNX TopK is not stable) gives the order of a stable sort by image.
-    order = torch.argsort(image_idx * num_kept + position)
-    per_image = torch.zeros([batch], dtype=torch.int64, device=image_idx.device)
-    per_image = per_image.scatter_add(0, image_idx, torch.ones_like(image_idx))  # (B,)
-    first = per_image.cumsum(0) - per_image  # where each image starts in `order`
-    image_sorted = image_idx[order]
-    rank = position - first[image_sorted]
+    order, image_sorted, rank, per_image = _rank_in_image(image_idx, batch)
     fits = rank < limit
     slot = (image_sorted * limit + rank)[fits]
     source = order[fits]
@@ -140,6 +144,21 @@ def _pad_per_image(boxes: Tensor, scores: Tensor, labels: Tensor, image_idx: Ten
     out_labels[slot] = labels[source]
     return (out_boxes.reshape(batch, limit, 4), out_scores.reshape(batch, limit),
             out_labels.reshape(batch, limit), per_image.clamp(max=limit))
+
+
+def _rank_in_image(image_idx: Tensor, batch: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """image_idx (N,) of detections by decreasing score -> order (N,) grouping them by image with
+    the score order kept, the image of each (N,), each one's rank within its image (N,), and the
+    count per image (B,)."""
+    num_kept = image_idx.shape[0]
+    position = torch.arange(num_kept, device=image_idx.device)
+    # The keys are unique, so any sort (ONNX TopK is not stable) gives a stable sort's order.
+    order = torch.argsort(image_idx * num_kept + position)
+    per_image = torch.zeros([batch], dtype=torch.int64, device=image_idx.device)
+    per_image = per_image.scatter_add(0, image_idx, torch.ones_like(image_idx))  # (B,)
+    first = per_image.cumsum(0) - per_image  # where each image starts in `order`
+    image_sorted = image_idx[order]
+    return order, image_sorted, position - first[image_sorted], per_image
 
 
 def softmax_scores(logits: Tensor) -> Tensor:

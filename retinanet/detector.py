@@ -28,7 +28,7 @@ from .model import RetinaNet, RetinaNetOutput, build_model, use_fast_memory_form
 from .model.fold import fold_batchnorm
 from .model.winograd import use_winograd
 from .predictor import PostProcessor, build_postprocessor
-from .weights import is_path, load_checkpoint, load_model_weights, load_state, unwrap_state_dict
+from .weights import is_path, load_checkpoint, load_model_weights
 
 
 class Categories(NamedTuple):
@@ -117,11 +117,8 @@ class Detector:
         if label_to_cat_id is None and cfg.data.label_map == "category_id":
             label_to_cat_id = {i: i for i in range(num_classes)}  # no json to tell which are "N/A"
         model = build_model(cfg.model, num_classes, load_backbone_weights=weights is None)
-        if checkpoint is not None:  # read once: the metadata above came from it
-            load_state(model, unwrap_state_dict(checkpoint, weights), source=weights,
-                       hint="check model.* in the config, e.g. num_classes")
-        elif weights is not None:
-            load_model_weights(model, weights)
+        if weights is not None:  # a file is read once: the metadata above came from it
+            load_model_weights(model, weights, loaded=checkpoint)
         device = device or ("cuda" if cfg.train.device == "auto" and torch.cuda.is_available()
                             else "cpu" if cfg.train.device == "auto" else cfg.train.device)
         model.eval()

@@ -21,7 +21,7 @@ import pickle
 import re
 import sys
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Optional
 from urllib.parse import urlparse
 
 import torch
@@ -134,7 +134,8 @@ def load_imagenet_weights(backbone: nn.Module, source: str | Path, *, depth: int
     load_state(backbone, state, source=source, what=f"not a torchvision ResNet-{depth} state dict")
 
 
-def load_model_weights(model: nn.Module, source: str | Path, *, skip_mismatched: bool = False) -> list[str]:
+def load_model_weights(model: nn.Module, source: str | Path, *, skip_mismatched: bool = False,
+                       loaded: Optional[Mapping] = None) -> list[str]:
     """Loads a whole model's weights: a file (a trainer checkpoint or a bare state dict), or
     torchvision's RetinaNet COCO weights by name (`RetinaNet_ResNet50_FPN_Weights.COCO_V1`,
     `RetinaNet_ResNet50_FPN_V2_Weights.COCO_V1`), converted in memory; these fit the architecture
@@ -142,10 +143,14 @@ def load_model_weights(model: nn.Module, source: str | Path, *, skip_mismatched:
 
     Every key must fit. With `skip_mismatched` (fine-tuning to another class count) the classifier
     (head.cls_score.*) keeps its fresh initialisation when its shape differs, and its keys are
-    returned so that the caller can say so; any other reshaped key is still an error.
+    returned so that the caller can say so; any other reshaped key is still an error. `loaded`:
+    the file `source` already read with load_checkpoint (not read again).
     """
-    state, kind = read_weights(source, key="model.weights", kinds=tuple(RETINANETS),
-                               not_found=f"weights not found: {source}")
+    if loaded is not None:
+        state, kind = unwrap_state_dict(loaded, source), None
+    else:
+        state, kind = read_weights(source, key="model.weights", kinds=tuple(RETINANETS),
+                                   not_found=f"weights not found: {source}")
     hint = "check model.* in the config, e.g. num_classes"
     if kind is not None:
         arch, config = RETINANETS[kind]

@@ -29,12 +29,14 @@ def test_tensorboard_tags_images_val_loss_and_pr_curves(tiny_config):
     expected |= {f"eval/{name}" for name in METRIC_NAMES[:6]}
     expected |= {f"eval_per_class/AP/{name}" for name in ("circle", "square", "triangle", "star", "cross")}
     assert expected <= scalars, expected - scalars
-    assert len(events.Tags()["images"]) == 2 and all(t.startswith("val_images/") for t in events.Tags()["images"])
+    images = events.Tags()["images"]
+    assert sorted(t for t in images if not t.startswith("val_images/")) == ["eval/confusion_matrix", "eval/per_class_ap"]
+    assert len([t for t in images if t.startswith("val_images/")]) == 2
     assert events.Scalars("train/lr")[-1].step == 4
     assert result["val_loss"]["loss"] == pytest.approx(events.Scalars("val/loss")[-1].value, rel=1e-6)
     assert any(line.startswith("validation loss") for line in logs)
-    for iou in (50, 75):
-        with Image.open(f"{run}/eval/pr_curve_iou{iou}.png") as image:
+    for name in ("pr_curve_iou50", "pr_curve_iou75", "confusion_matrix", "per_class_ap"):
+        with Image.open(f"{run}/eval/{name}.png") as image:
             assert image.size[0] > 300 and image.size[1] > 200
     # not at a terminal (pytest captures output): log lines, no progress bar
     assert any(line.startswith("iter      4/4") and "data" in line for line in logs)

@@ -19,7 +19,8 @@ from tqdm import tqdm
 from ..data.coco import categories
 from ..errors import ConfigError, DataError
 from .distributed import broadcast_from_main, gather_to_main
-from .pr_curves import save_pr_curves
+from .confusion import confusion_matrix
+from .plots import confusion_figure, per_class_ap_figure, pr_curve_figures, save_figures
 
 logger = logging.getLogger(__name__)
 
@@ -138,9 +139,21 @@ def format_report(result: dict, max_dets: int) -> str:
     return "\n".join(lines)
 
 
+def evaluation_figures(result: dict) -> dict:
+    """{name: matplotlib Figure} of an evaluation's result: its precision-recall curves, per-class
+    AP and confusion matrix (files eval/<name>.png, tensorboard images eval/<name>)."""
+    confusion = result["confusion"]
+    return {**pr_curve_figures(result["precision"], result["class_names"]),
+            "per_class_ap": per_class_ap_figure(result["per_class"]),
+            "confusion_matrix": confusion_figure(np.asarray(confusion["counts"]), confusion["class_names"][:-1],
+                                                 confusion["score_thresh"])}
+
+
 class Evaluator:
     """Runs `predict(batch) -> per-image detections in original pixels` over a loader, writes
-    `coco_results.json` and `metrics.json` to output_dir, prints and returns the scores.
+    `coco_results.json`, `metrics.json` and `confusion_matrix.json` to output_dir (and with
+    `pr_curves` the figures of `plots`), prints and returns the scores. The confusion matrix counts
+    detections scoring at least `confusion_score_thresh` (see confusion.confusion_matrix).
 
     Distributed: each rank runs its shard of the images (build_test_loader's rank / world_size),
     rank 0 gathers every rank's results, scores them once with pycocotools, writes and prints;
@@ -151,11 +164,11 @@ class Evaluator:
 
     def __init__(self, dataset, loader: Iterable, *, output_dir: str | Path | None = None,
                  max_dets: int = 100, backend: str = "pycocotools", pr_curves: bool = True,
-                 progress: bool = False):
+                 confusion_score_thresh: float = 0.3, progress: bool = False):
         self.dataset, self.loader = dataset, loader
         self.output_dir = Path(output_dir) if output_dir else None
         self.max_dets, self.backend, self.pr_curves = max_dets, backend, pr_curves
-        self.progress = progress
+        self.confusion_score_thresh, self.progress = confusion_score_thresh, progress
 
     @torch.no_grad()
     def __call__(self, predict: Callable, *, log: Callable[[str], None] = print) -> dict:
@@ -205,10 +218,16 @@ class Evaluator:
                 "is no category of the dataset (\"N/A\" outputs) and are not scored")
         result = coco_evaluate(self.dataset.coco, results, max_dets=self.max_dets,
                                image_ids=image_ids, backend=self.backend)
+        counts = confusion_matrix(predictions, {i: self.dataset.targets(i) for i in image_ids},
+                                  len(self.dataset.class_names), score_thresh=self.confusion_score_thresh)
+        result["confusion"] = {"counts": counts.tolist(), "class_names": [*self.dataset.class_names, "background"],
+                               "iou": 0.5, "score_thresh": self.confusion_score_thresh,
+                               "rows": "true class", "columns": "detected as"}
         if self.output_dir and self.pr_curves:
-            save_pr_curves(result["precision"], result["class_names"], self.output_dir)
+            save_figures(evaluation_figures(result), self.output_dir)
         if self.output_dir:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "confusion_matrix.json").write_text(json.dumps(result["confusion"], indent=1))
             (self.output_dir / "coco_results.json").write_text(json.dumps(results))
             (self.output_dir / "metrics.json").write_text(json.dumps(
                 {"metrics": result["metrics"], "per_class": result["per_class"],

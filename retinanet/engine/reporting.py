@@ -14,7 +14,8 @@ from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from .evaluator import METRIC_NAMES
+from .evaluator import METRIC_NAMES, evaluation_figures
+from .plots import figure_array
 
 
 class Reporter:
@@ -116,6 +117,10 @@ class Reporter:
                      f"box {loss['loss_box']:.4f})")
         for image_id, image in drawn:  # every evaluation: predictions (colour) and truth (white)
             self.writer.add_image(f"val_images/{image_id}", image, iteration, dataformats="HWC")
+        if self.is_main:  # the figures beside the PR curves, as images
+            figures = evaluation_figures(result)
+            for name in ("confusion_matrix", "per_class_ap"):
+                self.writer.add_image(f"eval/{name}", figure_array(figures[name]), iteration, dataformats="HWC")
 
 
 class _NoWriter:

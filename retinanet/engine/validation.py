@@ -26,7 +26,8 @@ def build_evaluator(config: Config, dataset: CocoDetection, *, output_dir: Path,
     loader = build_test_loader(dataset, batch_size=ev.batch_size, num_workers=data.num_workers,
                                size_divisibility=data.size_divisibility, rank=rank, world_size=world_size)
     return Evaluator(dataset, loader, output_dir=output_dir, max_dets=ev.max_dets, backend=ev.backend,
-                     pr_curves=ev.pr_curves, progress=progress)
+                     pr_curves=ev.pr_curves, confusion_score_thresh=ev.vis_score_thresh,
+                     progress=progress)
 
 
 def write_visualizations(dataset, predictions: dict, out_dir: Optional[Path], count: int,

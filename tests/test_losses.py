@@ -1,3 +1,5 @@
+from typing import Optional
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +10,7 @@ from retinanet.errors import ConfigError
 from retinanet.losses import (Matcher, RetinaNetCriterion, pad_targets, sigmoid_focal_loss,
                               sigmoid_focal_loss_with_classes)
 from retinanet.losses.box import smooth_l1_loss
+from retinanet.losses.focal import binary_focal_terms
 
 from numerics import U32
 
@@ -151,9 +154,26 @@ def test_normalizer_ema():
     assert crit.normalizer_ema.item() == pytest.approx(90.1)
 
 
+def sigmoid_focal_loss_per_anchor(logits: torch.Tensor, classes: torch.Tensor, *, alpha: Optional[float] = 0.25,
+                                  gamma: float = 2.0, label_smoothing: float = 0.0) -> torch.Tensor:
+    """(N, K) logits, (N,) classes in 0..K (K = background) -> (N,) focal loss summed over classes.
+
+    Every entry is scored as a negative (target eps/2); the N_pos entries (row, class) of positives
+    are then corrected by (positive term - negative term), target 1 - eps/2. No one-hot tensor.
+    The autograd reference of sigmoid_focal_loss_with_classes, for per-anchor values.
+    """
+    num_classes = logits.shape[-1]
+    t_neg, t_pos = label_smoothing / 2, 1 - label_smoothing / 2
+    per_anchor = binary_focal_terms(logits, t_neg, alpha, gamma).sum(dim=-1)
+    rows = torch.nonzero(classes < num_classes, as_tuple=True)[0]
+    pos_logits = logits[rows, classes[rows]]
+    correction = binary_focal_terms(pos_logits, t_pos, alpha, gamma) - \
+        binary_focal_terms(pos_logits, t_neg, alpha, gamma)
+    return per_anchor.index_add(0, rows, correction)
+
+
 def test_fused_focal_loss_across_chunks_weights_smoothing_and_autocast(monkeypatch):
     from retinanet.losses import focal
-    from retinanet.losses.focal import sigmoid_focal_loss_per_anchor
     monkeypatch.setattr(focal, "_CHUNK_ELEMENTS", 64)  # many chunks, a ragged last one
     g = torch.Generator().manual_seed(4)
     logits = (torch.randn(333, 6, generator=g) * 3).requires_grad_()

@@ -276,20 +276,3 @@ def sigmoid_focal_loss_with_classes(logits: Tensor, classes: Tensor, *, alpha: O
     t_neg, t_pos = label_smoothing / 2, 1 - label_smoothing / 2
     return fused(logits, None, classes, row_weights, alpha, gamma, t_pos, t_neg)
 
-
-def sigmoid_focal_loss_per_anchor(logits: Tensor, classes: Tensor, *, alpha: Optional[float] = 0.25,
-                                  gamma: float = 2.0, label_smoothing: float = 0.0) -> Tensor:
-    """(N, K) logits, (N,) classes in 0..K (K = background) -> (N,) focal loss summed over classes.
-
-    Every entry is scored as a negative (target eps/2); the N_pos entries (row, class) of positives
-    are then corrected by (positive term - negative term), target 1 - eps/2. No one-hot tensor.
-    (The autograd reference of sigmoid_focal_loss_with_classes, for per-anchor values.)
-    """
-    num_classes = logits.shape[-1]
-    t_neg, t_pos = label_smoothing / 2, 1 - label_smoothing / 2
-    per_anchor = binary_focal_terms(logits, t_neg, alpha, gamma).sum(dim=-1)
-    rows = torch.nonzero(classes < num_classes, as_tuple=True)[0]
-    pos_logits = logits[rows, classes[rows]]
-    correction = binary_focal_terms(pos_logits, t_pos, alpha, gamma) - \
-        binary_focal_terms(pos_logits, t_neg, alpha, gamma)
-    return per_anchor.index_add(0, rows, correction)

@@ -4,6 +4,12 @@
 Usage (from the repo root, no install needed):
     python scripts/make_shapes.py --out data/shapes [--num-train 2000] [--num-val 200]
                                   [--size 128 | --size 96x160] [--seed 0] [--force]
+                                  [--min-size 8] [--max-size 64] [--min-objects 1] [--max-objects 6]
+                                  [--classes circle square ...] [--backgrounds solid noise ...]
+
+Large images with many small objects, for example (sliced inference, docs/inference.md):
+    python scripts/make_shapes.py --out data/shapes_large --num-train 0 --num-val 50 \
+        --size 1024 --min-size 8 --max-size 24 --min-objects 20 --max-objects 60
 
 Writes <out>/{train,val}/*.png, <out>/annotations/instances_{train,val}.json and
 <out>/meta.json. If a complete dataset with the same parameters already exists it is
@@ -18,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse  # noqa: E402
 import time  # noqa: E402
 
-from retinanet.data.shapes import generate_shapes_dataset, is_complete  # noqa: E402
+from retinanet.data.shapes import BACKGROUNDS, CLASS_NAMES, generate_shapes_dataset, is_complete  # noqa: E402
 
 PROGRESS_EVERY = 500
 
@@ -45,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=parse_size, default=128, help="N (square) or HxW")
     p.add_argument("--min-size", type=float, default=8, help="smallest object side, px")
     p.add_argument("--max-size", type=float, default=64, help="largest object side, px")
+    p.add_argument("--min-objects", type=int, default=1, help="fewest objects in a non-empty image")
     p.add_argument("--max-objects", type=int, default=6)
+    p.add_argument("--classes", nargs="+", default=list(CLASS_NAMES), choices=CLASS_NAMES, metavar="NAME",
+                   help=f"shapes to draw, ids 1..k in this order (default: {' '.join(CLASS_NAMES)})")
+    p.add_argument("--backgrounds", nargs="+", default=list(BACKGROUNDS), choices=BACKGROUNDS,
+                   metavar="STYLE", help=f"background styles (default: {' '.join(BACKGROUNDS)})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="regenerate even if complete")
     return p
@@ -66,6 +77,9 @@ def main(argv=None) -> int:
         max_size=args.max_size,
         max_objects=args.max_objects,
         seed=args.seed,
+        min_objects=args.min_objects,
+        classes=args.classes,
+        backgrounds=args.backgrounds,
     )
     if not args.force and is_complete(args.out, **params):
         print(f"Shapes dataset already complete at {args.out} (same parameters); "

@@ -19,6 +19,7 @@ from retinanet.data.shapes import (
     is_complete,
     render_image,
 )
+from retinanet.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(num_train=20, num_val=8, image_size=96, seed=0)
@@ -287,3 +288,60 @@ def test_cli_generates_then_skips(tmp_path):
     third = _run_cli(*args, "--force")
     assert "Generating" in third
     assert is_complete(out, num_train=4, num_val=2, image_size=(48, 64), seed=3)
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_classes_backgrounds_and_object_counts_options():
+    kwargs = dict(min_size=8, max_size=16, min_objects=4, max_objects=7, classes=("star", "circle"),
+                  backgrounds=("solid",))
+    rendered = _render_many(60, **kwargs)
+    names = {name for _, objs in rendered for name, _ in objs}
+    assert names == {"star", "circle"}
+    counts = [len(objs) for _, objs in rendered]
+    assert max(counts) <= 7 and sorted(set(counts) - {0})[0] >= 4  # small objects always fit
+    for image, _ in rendered:  # one flat colour covers most of every image
+        assert np.mean(np.all(image == _background_colour(image), axis=2)) > 0.5
+
+
+def test_options_reach_the_dataset_and_meta(tmp_path):
+    paths = generate_shapes_dataset(tmp_path, num_train=4, num_val=0, image_size=64, max_size=16,
+                                    classes=["star", "circle"], backgrounds=["noise"], min_objects=2)
+    raw = _load(paths["train"])
+    assert [(c["id"], c["name"]) for c in raw["categories"]] == [(1, "star"), (2, "circle")]
+    assert {a["category_id"] for a in raw["annotations"]} <= {1, 2}
+    meta = _load(tmp_path / "meta.json")
+    assert meta["classes"] == ["star", "circle"] and meta["backgrounds"] == ["noise"]
+    assert meta["min_objects"] == 2
+    assert is_complete(tmp_path, num_train=4, num_val=0, image_size=64, max_size=16,
+                       classes=["star", "circle"], backgrounds=["noise"], min_objects=2)
+    assert not is_complete(tmp_path, num_train=4, num_val=0, image_size=64, max_size=16)
+
+
+def test_default_meta_keeps_its_keys(dataset):
+    """The options added later are not written at their defaults: a dataset generated before
+    them stays complete, byte for byte."""
+    out, _ = dataset
+    assert set(_load(out / "meta.json")) == {"generator_version", "num_train", "num_val", "image_size",
+                                             "min_size", "max_size", "max_objects", "seed"}
+
+
+@pytest.mark.parametrize("bad", [dict(classes=["hexagon"]), dict(classes=[]), dict(backgrounds=["plaid"]),
+                                 dict(classes=["star", "star"])])
+def test_unknown_classes_or_backgrounds_are_config_errors(bad):
+    with pytest.raises(ConfigError, match="must be distinct names"):
+        render_image(np.random.default_rng(0), **{**RENDER, **bad})
+
+
+def test_cli_options(tmp_path):
+    out = tmp_path / "large"
+    _run_cli("--out", str(out), "--num-train", "0", "--num-val", "2", "--size", "256", "--min-size", "8",
+             "--max-size", "24", "--min-objects", "20", "--max-objects", "30", "--classes", "square", "cross",
+             "--backgrounds", "solid", "gradient")
+    raw = _load(out / "annotations" / "instances_val.json")
+    assert [c["name"] for c in raw["categories"]] == ["square", "cross"]
+    per_image = np.bincount([a["image_id"] for a in raw["annotations"]], minlength=3)[1:]
+    assert all(n == 0 or n >= 15 for n in per_image) and per_image.max() <= 30  # few placements fail
+    sides = [max(a["bbox"][2:]) for a in raw["annotations"]]
+    assert min(sides) >= 8 - 0.01 and max(sides) <= 24 + 0.01

@@ -6,7 +6,14 @@ makes it a good smoke test for a detector: a working RetinaNet should reach a hi
 within minutes.
 
 COCO annotations use ``bbox = [x0, y0, w, h]`` (render_image's box, rounded to 2 decimals) and
-``area = w * h``. Category ids are 1..5 in :data:`CLASS_NAMES` order.
+``area = w * h``. Category ids are 1..5 in :data:`CLASS_NAMES` order (1..k in the order of
+``classes`` when a subset is chosen).
+
+Beyond the defaults (128 px, objects 8-64 px, up to 6 per image, 5 classes, 4 background
+styles), ``image_size``, ``min_size`` / ``max_size``, ``min_objects`` / ``max_objects``,
+``classes`` and ``backgrounds`` make other sets, e.g. large images with many small objects:
+``generate_shapes_dataset(out, image_size=1024, min_size=8, max_size=24, min_objects=20,
+max_objects=60)``.
 
 Determinism: image ``k`` of a split is rendered from its own child seed of
 ``SeedSequence([seed, split_index])``, so the same arguments always give
@@ -19,12 +26,13 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
 
-from .shapes_render import BACKGROUNDS, CLASS_NAMES, Box, ImageSize, parse_image_size, render_image
+from .shapes_render import (BACKGROUNDS, CLASS_NAMES, Box, ImageSize, check_choices, parse_image_size,
+                            render_image)
 
 __all__ = ["CLASS_NAMES", "BACKGROUNDS", "generate_shapes_dataset", "render_image", "is_complete"]
 
@@ -38,34 +46,52 @@ Progress = Callable[[str, int, int], None]
 
 
 def _normalize_params(*, num_train=2000, num_val=200, image_size=128, min_size=8, max_size=64,
-                      max_objects=6, seed=0) -> dict:
-    """All generation parameters in canonical, JSON-comparable form."""
+                      max_objects=6, seed=0, min_objects=1, classes=CLASS_NAMES,
+                      backgrounds=BACKGROUNDS) -> dict:
+    """All generation parameters in canonical, JSON-comparable form. The options added later
+    (min_objects, classes, backgrounds) are written only when not at their default, so that a
+    default dataset's meta.json stays what it was (and an existing dataset stays complete)."""
     h, w = parse_image_size(image_size)
     if int(seed) < 0:
         raise ValueError("seed must be non-negative")
-    return {"generator_version": GENERATOR_VERSION, "num_train": int(num_train), "num_val": int(num_val),
-            "image_size": [h, w], "min_size": float(min_size), "max_size": float(max_size),
-            "max_objects": int(max_objects), "seed": int(seed)}
+    check_choices(list(classes), CLASS_NAMES, "classes")
+    check_choices(list(backgrounds), BACKGROUNDS, "backgrounds")
+    params = {"generator_version": GENERATOR_VERSION, "num_train": int(num_train), "num_val": int(num_val),
+              "image_size": [h, w], "min_size": float(min_size), "max_size": float(max_size),
+              "max_objects": int(max_objects), "seed": int(seed)}
+    extra = {"min_objects": int(min_objects), "classes": list(classes), "backgrounds": list(backgrounds)}
+    defaults = {"min_objects": 1, "classes": list(CLASS_NAMES), "backgrounds": list(BACKGROUNDS)}
+    params.update({key: value for key, value in extra.items() if value != defaults[key]})
+    return params
+
+
+def _render_options(params: dict) -> dict:
+    """render_image's keyword arguments from normalised params."""
+    return {"image_size": tuple(params["image_size"]), "min_size": params["min_size"],
+            "max_size": params["max_size"], "max_objects": params["max_objects"],
+            "min_objects": params.get("min_objects", 1),
+            "classes": tuple(params.get("classes", CLASS_NAMES)),
+            "backgrounds": tuple(params.get("backgrounds", BACKGROUNDS))}
 
 
 def _file_name(index: int, count: int) -> str:
     return f"{index:0{max(6, len(str(count)))}d}.png"
 
 
-def _annotation(ann_id: int, image_id: int, name: str, box: Box) -> dict:
+def _annotation(ann_id: int, image_id: int, category_id: int, box: Box) -> dict:
     x0, y0, x1, y1 = (round(float(v), 2) for v in box)
     bw, bh = round(x1 - x0, 2), round(y1 - y0, 2)
-    return {"id": ann_id, "image_id": image_id, "category_id": CLASS_NAMES.index(name) + 1,
+    return {"id": ann_id, "image_id": image_id, "category_id": category_id,
             "bbox": [x0, y0, bw, bh], "area": round(bw * bh, 2), "iscrowd": 0}
 
 
-def _coco_header(split: str) -> dict:
+def _coco_header(split: str, classes: tuple[str, ...]) -> dict:
     info = {"description": f"RetinaNet synthetic shapes dataset ({split} split)",
             "version": f"{GENERATOR_VERSION}.0", "year": 2024, "contributor": "retinanet.data.shapes",
             "url": "", "date_created": "2024-01-01"}  # fixed: output must be byte-identical across runs
     return {"info": info, "licenses": [], "images": [], "annotations": [],
             "categories": [{"id": i + 1, "name": name, "supercategory": "shape"}
-                           for i, name in enumerate(CLASS_NAMES)]}
+                           for i, name in enumerate(classes)]}
 
 
 def _clear_split_dir(split_dir: Path) -> None:
@@ -81,18 +107,18 @@ def _generate_split(out_dir: Path, split: str, split_index: int, num: int, param
     split_dir.mkdir(parents=True, exist_ok=True)
     _clear_split_dir(split_dir)
     h, w = params["image_size"]
-    coco = _coco_header(split)
+    options = _render_options(params)
+    coco = _coco_header(split, options["classes"])
     children = np.random.SeedSequence([params["seed"], split_index]).spawn(num)
     for i, child in enumerate(children):
         image_id = i + 1
-        image, objects = render_image(np.random.default_rng(child), image_size=(h, w),
-                                      min_size=params["min_size"], max_size=params["max_size"],
-                                      max_objects=params["max_objects"])
+        image, objects = render_image(np.random.default_rng(child), **options)
         file_name = _file_name(image_id, num)
         Image.fromarray(image, "RGB").save(split_dir / file_name, format="PNG")
         coco["images"].append({"id": image_id, "file_name": file_name, "width": w, "height": h})
         for name, box in objects:
-            coco["annotations"].append(_annotation(len(coco["annotations"]) + 1, image_id, name, box))
+            coco["annotations"].append(_annotation(len(coco["annotations"]) + 1, image_id,
+                                                   options["classes"].index(name) + 1, box))
         if progress is not None:
             progress(split, i + 1, num)
 
@@ -105,7 +131,9 @@ def _generate_split(out_dir: Path, split: str, split_index: int, num: int, param
 
 def generate_shapes_dataset(out_dir: Union[str, os.PathLike], *, num_train: int = 2000, num_val: int = 200,
                             image_size: ImageSize = 128, min_size: float = 8, max_size: float = 64,
-                            max_objects: int = 6, seed: int = 0, progress: Optional[Progress] = None) -> dict:
+                            max_objects: int = 6, seed: int = 0, min_objects: int = 1,
+                            classes: Sequence[str] = CLASS_NAMES, backgrounds: Sequence[str] = BACKGROUNDS,
+                            progress: Optional[Progress] = None) -> dict:
     """Generate (or regenerate) the dataset under ``out_dir``.
 
     Writes ``out_dir/{train,val}/NNNNNN.png``, ``out_dir/annotations/instances_{train,val}.json``
@@ -113,11 +141,13 @@ def generate_shapes_dataset(out_dir: Union[str, os.PathLike], *, num_train: int 
     ``out_dir/meta.json`` with the parameters, so an interrupted run is never
     mistaken for a complete one by :func:`is_complete`.
 
+    ``min_objects``, ``classes`` and ``backgrounds``: see ``shapes_render.render_image``.
     ``progress(split, done, total)`` is called after each image if given.
     Returns ``{"train": path_to_json, "val": path_to_json}`` (strings).
     """
     params = _normalize_params(num_train=num_train, num_val=num_val, image_size=image_size,
-                               min_size=min_size, max_size=max_size, max_objects=max_objects, seed=seed)
+                               min_size=min_size, max_size=max_size, max_objects=max_objects, seed=seed,
+                               min_objects=min_objects, classes=classes, backgrounds=backgrounds)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta_path = out / "meta.json"

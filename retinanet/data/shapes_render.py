@@ -15,6 +15,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import ConfigError
+
 CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
 BACKGROUNDS: tuple[str, ...] = ("solid", "gradient", "noise", "lines")
 
@@ -200,6 +202,14 @@ def parse_image_size(image_size: ImageSize) -> tuple[int, int]:
     return h, w
 
 
+def check_choices(chosen: Sequence[str], allowed: Sequence[str], what: str) -> None:
+    """ConfigError unless `chosen` is a non-empty list of distinct names from `allowed`."""
+    unknown = [c for c in chosen if c not in allowed]
+    if not chosen or unknown or len(set(chosen)) != len(chosen):
+        raise ConfigError(f"{what} must be distinct names from {', '.join(allowed)}; got "
+                          f"{', '.join(chosen) or 'none'}")
+
+
 def _boxes_conflict(box: Box, others: list[Box], gap: float = MIN_GAP) -> bool:
     """True if `box` intersects any of `others` expanded by `gap` px."""
     x0, y0, x1, y1 = box
@@ -245,14 +255,15 @@ def _pick_colour(rng: np.random.Generator, samples: np.ndarray) -> np.ndarray:
     return np.where(samples.mean(axis=0) > 127.5, 0.0, 255.0).astype(np.float32)
 
 
-def _draw_num_objects(rng: np.random.Generator, max_objects: int) -> int:
+def _draw_num_objects(rng: np.random.Generator, max_objects: int, min_objects: int = 1) -> int:
     if max_objects <= 0 or rng.random() < EMPTY_IMAGE_PROB:
         return 0
-    return int(rng.integers(1, max_objects + 1))
+    return int(rng.integers(min(min_objects, max_objects), max_objects + 1))
 
 
 def render_image(rng: np.random.Generator, *, image_size: ImageSize, min_size: float, max_size: float,
-                 max_objects: int, background: Optional[str] = None
+                 max_objects: int, background: Optional[str] = None, min_objects: int = 1,
+                 classes: Sequence[str] = CLASS_NAMES, backgrounds: Sequence[str] = BACKGROUNDS
                  ) -> tuple[np.ndarray, list[tuple[str, Box]]]:
     """Render one image.
 
@@ -263,8 +274,12 @@ def render_image(rng: np.random.Generator, *, image_size: ImageSize, min_size: f
             tight box, drawn log-uniformly. ``max_size`` is capped at the image's
             shorter side so every object fits.
         max_objects: upper bound on objects; ~3% of images are empty, the rest hold
-            1..max_objects objects (fewer if placement fails after 50 tries).
-        background: force one of :data:`BACKGROUNDS` (tests); None picks uniformly.
+            min_objects..max_objects objects (fewer if placement fails after 50 tries).
+        background: force one of :data:`BACKGROUNDS` (tests); None picks uniformly from
+            ``backgrounds``.
+        min_objects: lower bound on objects of a non-empty image (default 1).
+        classes: the shapes to draw from, a subset of :data:`CLASS_NAMES` (default all).
+        backgrounds: the background styles to draw from, a subset of :data:`BACKGROUNDS`.
 
     Returns:
         ``(image, objects)``: an (H, W, 3) uint8 RGB array and a list of
@@ -275,15 +290,17 @@ def render_image(rng: np.random.Generator, *, image_size: ImageSize, min_size: f
     max_size = min(float(max_size), float(min(h, w)))
     if not 0 < min_size <= max_size:
         raise ValueError(f"need 0 < min_size <= max_size <= min(H, W); got {min_size}, {max_size}, {(h, w)}")
+    check_choices(classes, CLASS_NAMES, "classes")
+    check_choices(backgrounds, BACKGROUNDS, "backgrounds")
     if background is None:
-        background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+        background = backgrounds[int(rng.integers(len(backgrounds)))]
     canvas, ref = _BACKGROUND_FNS[background](rng, h, w)
     canvas = np.array(canvas, dtype=np.float32)  # writable copy
 
     objects: list[tuple[str, Box]] = []
     taken: list[Box] = []
-    for _ in range(_draw_num_objects(rng, max_objects)):
-        name = CLASS_NAMES[int(rng.integers(len(CLASS_NAMES)))]
+    for _ in range(_draw_num_objects(rng, max_objects, min_objects)):
+        name = classes[int(rng.integers(len(classes)))]
         size = float(math.exp(rng.uniform(math.log(min_size), math.log(max_size))))
         shape = _make_shape(rng, name, size)
         extent = _shape_extent(shape)

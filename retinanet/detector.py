@@ -4,6 +4,7 @@
     detector = Detector.from_checkpoint("runs/shapes_R18/model_final.pth")  # all from the file
     detector = Detector.from_config("configs/shapes_R18.yaml", weights="runs/shapes_R18/model_final.pth")
     detections = detector.predict([rgb_uint8_image])   # [{"boxes", "scores", "labels", "category_ids"}]
+    detections = detector.predict([large_image], slice=(512, 512))  # tiles at native size + whole
 
 What the labels mean (a class name and a dataset category id per label) comes from the weights
 file when it is a trainer checkpoint, which carries them with its config: the checkpoint is the
@@ -22,12 +23,13 @@ from torch import Tensor
 from .compiling import CompiledOrNone
 from .config import Config, config_from_yaml, load_config
 from .data import Batch, Collate, build_transform, label_mapping, load_coco, read_dataset
-from .data.transforms import rgb_to_tensor
+from .data.transforms import EvalTransform, rgb_to_tensor
 from .errors import CheckpointError, ConfigError, DataError
 from .model import RetinaNet, RetinaNetOutput, build_model, use_fast_memory_format
 from .model.fold import fold_batchnorm
 from .model.winograd import use_winograd
 from .predictor import PostProcessor, build_postprocessor
+from .slicing import Slicing, as_slicing, merge_tiles, tile_image
 from .weights import is_path, load_checkpoint, load_model_weights
 
 
@@ -61,6 +63,7 @@ class Detector:
         self._compiled = CompiledOrNone(self.model, "model.compile_inference",
                                         inductor_config={"freezing": True}) if compile else None
         self.transform, self.postprocessor = transform, postprocessor
+        self._tile_transforms: dict[tuple[int, int], EvalTransform] = {}  # per tile size
         self.collate = Collate(size_divisibility)
         num_classes = model.num_classes
         self.class_names = list(class_names) if class_names else [str(i) for i in range(num_classes)]
@@ -151,21 +154,65 @@ class Detector:
         """run_batch's detections (the callable an Evaluator takes)."""
         return self.run_batch(batch)[1]
 
-    def predict(self, images: Sequence[np.ndarray | Tensor]) -> list[dict[str, Tensor]]:
+    def predict(self, images: Sequence[np.ndarray | Tensor],
+                slice: Slicing | Sequence[float] | None = None) -> list[dict[str, Tensor]]:
         """images: RGB uint8 (H, W, 3) numpy arrays, or float (3, H, W) tensors in [0, 1] (the input
         of torchvision's detection models). Returns per image {"boxes" (N, 4) xyxy in that image's
-        pixels, "scores" (N,), "labels" (N,) in 0..K-1, "category_ids" (N,)}, on the CPU."""
+        pixels, "scores" (N,), "labels" (N,) in 0..K-1, "category_ids" (N,)}, on the CPU.
+
+        slice: a `retinanet.slicing.Slicing`, or (height, width[, overlap]): also run the network
+        on overlapping tiles of each image at their native resolution (no resize to
+        data.test_min_size) and merge them with the whole image's detections by per-class NMS
+        (see retinanet/slicing.py). For large images with small objects."""
+        checked = [_check_image(img, i) for i, img in enumerate(images)]
+        if slice is None:
+            outputs = self._predict_resized(checked)
+        else:
+            outputs = self._predict_sliced(checked, as_slicing(slice))
+        return [{"boxes": o["boxes"].cpu(), "scores": o["scores"].cpu(), "labels": o["labels"].cpu(),
+                 "category_ids": self._cat_id_lookup[o["labels"].cpu()]} for o in outputs]
+
+    def _predict_resized(self, images: Sequence[np.ndarray | Tensor]) -> list[dict[str, Tensor]]:
+        """Checked images, each resized by the evaluation transform -> detections on the device."""
         # Images go to the model's device before preprocessing (as uint8 when they are arrays:
         # a quarter of the bytes), so that on a GPU normalising, resizing and padding run there,
         # as torchvision's GeneralizedRCNNTransform does, instead of on the host.
-        samples = [self.transform({"image": self._to_device(_check_image(img, i)), "image_id": i,
-                                   "orig_size": _hw(img)})
+        samples = [self.transform({"image": self._to_device(img), "image_id": i, "orig_size": _hw(img)})
                    for i, img in enumerate(images)]
-        if not samples:
-            return []
-        outputs = self.predict_batch(self.collate(samples))
-        return [{"boxes": o["boxes"].cpu(), "scores": o["scores"].cpu(), "labels": o["labels"].cpu(),
-                 "category_ids": self._cat_id_lookup[o["labels"].cpu()]} for o in outputs]
+        return self.predict_batch(self.collate(samples)) if samples else []
+
+    def _predict_sliced(self, images: Sequence[np.ndarray | Tensor],
+                        slicing: Slicing) -> list[dict[str, Tensor]]:
+        """Checked images -> the merged detections of their tiles (and whole images), on the device."""
+        wholes = self._predict_resized(images) if slicing.whole_image else [None] * len(images)
+        merged = []
+        for image, whole in zip(images, wholes):
+            pixels = self._to_device(image)  # (3, H, W), cropped below without copying
+            tiling = tile_image(pixels.shape[1], pixels.shape[2], slicing)
+            windows = tiling.windows()
+            tile_detections = []
+            for start in range(0, len(windows), slicing.batch_size):
+                samples = [self._tile_transform(y1 - y0, x1 - x0)(
+                    {"image": pixels[:, y0:y1, x0:x1], "image_id": k, "orig_size": (y1 - y0, x1 - x0)})
+                    for k, (x0, y0, x1, y1) in enumerate(windows[start:start + slicing.batch_size])]
+                tile_detections += self.predict_batch(self.collate(samples))
+            merged.append(merge_tiles(tile_detections, tiling, whole, nms_thresh=self.postprocessor.nms_thresh,
+                                      max_detections=self.postprocessor.max_detections))
+        return merged
+
+    def _tile_transform(self, height: int, width: int) -> EvalTransform:
+        """The evaluation transform's normalisation at scale 1 for a height x width tile: its
+        min_size and max_size are the tile's sides, so resize_scale is exactly 1 (no resize)."""
+        key = (height, width)
+        if key not in self._tile_transforms:
+            mean, std = getattr(self.transform, "mean", None), getattr(self.transform, "std", None)
+            if mean is None or std is None:
+                raise ConfigError("sliced inference needs the evaluation transform's mean and std "
+                                  "(Detector(transform=EvalTransform(...)))")
+            self._tile_transforms[key] = EvalTransform(
+                min_size=min(key), max_size=max(key), mean=torch.as_tensor(mean).flatten().tolist(),
+                std=torch.as_tensor(std).flatten().tolist())
+        return self._tile_transforms[key]
 
     def _to_device(self, image: np.ndarray | Tensor) -> Tensor:
         """A checked image -> float (3, H, W) in [0, 1] on self.device."""

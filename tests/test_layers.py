@@ -22,8 +22,9 @@ LAYERS = [
     ["config", "boxes", "weights", "compiling", "visualize"],  # leaves several layers share
     ["data"],
     ["model"],
-    ["losses", "predictor"],
+    ["losses", "predictor", "slicing"],
     ["detector", "inference", "analysis", "export"],
+    ["quantize"],  # calibrates through a Detector, quantizes what export writes
     ["engine"],
     ["cli"],
 ]

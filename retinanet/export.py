@@ -11,11 +11,12 @@ from __future__ import annotations
 import copy
 import warnings
 from pathlib import Path
-from typing import Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
+from .boxes import clip_boxes
 from .errors import ConfigError
 from .predictor import Predictor
 
@@ -97,14 +98,44 @@ def require_onnx() -> None:
                                   "the file): pip install -e .[export]") from error
 
 
-def run_onnx(path: str | Path, images: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Runs an exported file with onnxruntime (CPU) -> the four outputs as tensors."""
+def onnx_session(path: str | Path, threads: Optional[int] = None):
+    """An onnxruntime CPU session of an exported file, with `threads` intra-op threads (default
+    torch's: a benchmark then gives every format the same cores)."""
     import onnxruntime
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run_onnx(path_or_session, images: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Runs an exported file (a path, or an `onnx_session`) with onnxruntime (CPU) -> the four
+    outputs as tensors."""
+    session = path_or_session
+    if isinstance(session, (str, Path)):
+        session = onnx_session(session)
     outputs = session.run(list(OUTPUT_NAMES), {"images": images.detach().cpu().numpy()})
     boxes, scores, labels, counts = (torch.from_numpy(o) for o in outputs)
     return boxes, scores, labels, counts
+
+
+def per_image_detections(outputs: Tuple[Tensor, ...], image_sizes: Sequence[Tuple[int, int]],
+                         output_sizes: Sequence[Tuple[int, int]]) -> List[Dict[str, Tensor]]:
+    """An exported graph's padded outputs for a collated batch -> per image {"boxes" (N, 4) xyxy
+    clipped to that image's resized size, then rescaled to `output_sizes` (h, w), "scores" (N,),
+    "labels" (N,)}: what `PostProcessor.__call__` returns. The graph clips to the padded size
+    before NMS, so a box that reaches into the padding may be kept or dropped differently
+    (images whose resized size is their padded size, none)."""
+    boxes, scores, labels, counts = (t.detach().cpu() for t in outputs)
+    result = []
+    for i, ((height, width), (out_h, out_w)) in enumerate(zip(image_sizes, output_sizes)):
+        n = int(counts[i])
+        box = clip_boxes(boxes[i, :n], torch.tensor(float(height)), torch.tensor(float(width)))
+        # the same float32 arithmetic as PostProcessor's rescaling: (sx, sy, sx, sy)
+        scale = (torch.tensor([out_h, out_w], dtype=torch.float32)
+                 / torch.tensor([height, width], dtype=torch.float32))[[1, 0, 1, 0]]
+        result.append({"boxes": box * scale, "scores": scores[i, :n], "labels": labels[i, :n]})
+    return result
 
 
 def compare_outputs(expected: Tuple[Tensor, ...], actual: Tuple[Tensor, ...], *,

@@ -24,6 +24,7 @@ LAYERS = [
     ["model"],
     ["losses", "predictor", "slicing"],
     ["detector", "inference", "analysis", "export"],
+    ["video"],  # the frame loop: inference's json and counting
     ["quantize"],  # calibrates through a Detector, quantizes what export writes
     ["engine"],
     ["cli"],

@@ -107,6 +107,11 @@ def detection_entries(*, image_id: int, file_name: str, boxes: np.ndarray, score
     return entries
 
 
+def coco_categories(cat_names: dict[int, str]) -> list[dict]:
+    """The json's "categories" from category id -> name."""
+    return [{"id": cat, "name": name, "supercategory": ""} for cat, name in sorted(cat_names.items())]
+
+
 def detections_document(images: list[dict], annotations: list[dict], categories: list[dict],
                         info: dict) -> dict:
     """The json written by infer_files (see the module docstring)."""
@@ -126,16 +131,54 @@ class InferenceSummary:
     document: dict = field(default_factory=dict)
 
 
-def infer_files(detector, files: Sequence[Path], root: Path, output_dir: str | Path, *,
-                score_thresh: float = 0.3, batch_size: int = 1, skip_bad: bool = False,
-                draw: bool = True, log: Callable[[str], None] = print) -> InferenceSummary:
-    """Runs `detector` (a retinanet.Detector) on `files` in batches, writes
-    output_dir/<stem>.png (detections with score >= score_thresh drawn) and
-    output_dir/detections.json. An unreadable file is a DataError naming it, or with `skip_bad`
-    a warning (through `log`) and a count. Images are read one batch at a time."""
+def model_categories(detector) -> dict[int, str]:
+    """A Detector's dataset category id -> class name (labels without a category left out)."""
+    return {cat: detector.class_names[label] for label, cat in detector.label_to_cat_id.items()}
+
+
+def keep_detections(summary: InferenceSummary, out: dict, score_thresh: float, *, image_id: int,
+                    file_name: str, cat_names: dict[int, str], first_id: int) -> tuple[np.ndarray, list[dict]]:
+    """One image's Detector.predict output -> (keep mask (N,): a dataset category and score >=
+    score_thresh, the kept detections' annotation entries); adds them to summary's counts."""
+    scores = out["scores"].numpy()
+    category_ids = out["category_ids"].numpy()
+    known = category_ids >= 0
+    keep = known & (scores >= score_thresh)
+    summary.num_detections += len(scores)
+    summary.num_uncategorised += int((~known).sum())
+    summary.num_kept += int(keep.sum())
+    entries = detection_entries(image_id=image_id, file_name=file_name, boxes=out["boxes"].numpy()[keep],
+                                scores=scores[keep], category_ids=category_ids[keep], names=cat_names,
+                                first_id=first_id)
+    for entry in entries:
+        summary.kept_per_class[entry["category_name"]] += 1
+    return keep, entries
+
+
+def document_info(detector, score_thresh: float, **more) -> dict:
+    """The json's "info": the thresholds that shaped it, and `more`."""
+    return {"description": "retinanet tools/infer.py detections", **more, "score_threshold": score_thresh,
+            "model_score_threshold": float(detector.postprocessor.score_thresh),
+            "max_detections_per_image": int(detector.postprocessor.max_detections)}
+
+
+def check_output_dir(output_dir: str | Path) -> Path:
+    """ConfigError when `output_dir` exists and is no folder."""
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"output {output_dir} exists and is not a folder; choose another --output")
+    return output_dir
+
+
+def infer_files(detector, files: Sequence[Path], root: Path, output_dir: str | Path, *,
+                score_thresh: float = 0.3, batch_size: int = 1, skip_bad: bool = False,
+                draw: bool = True, slice=None, log: Callable[[str], None] = print) -> InferenceSummary:
+    """Runs `detector` (a retinanet.Detector) on `files` in batches, writes
+    output_dir/<stem>.png (detections with score >= score_thresh drawn) and
+    output_dir/detections.json. An unreadable file is a DataError naming it, or with `skip_bad`
+    a warning (through `log`) and a count. Images are read one batch at a time. `slice`: sliced
+    inference, as Detector.predict takes it (a retinanet.slicing.Slicing or (height, width))."""
+    output_dir = check_output_dir(output_dir)
     names = output_names(files)
     # Writing <stem>.png into the input folder would replace the inputs that are PNGs.
     inputs = {Path(f).resolve() for f in files}
@@ -144,8 +187,7 @@ def infer_files(detector, files: Sequence[Path], root: Path, output_dir: str | P
         raise ConfigError(f"output {output_dir / clash} would overwrite an input image; choose "
                           "another --output folder")
     output_dir.mkdir(parents=True, exist_ok=True)
-    label_to_cat = detector.label_to_cat_id
-    cat_names = {cat: detector.class_names[label] for label, cat in label_to_cat.items()}
+    cat_names = model_categories(detector)
     summary = InferenceSummary(kept_per_class={name: 0 for name in cat_names.values()})
     images, annotations = [], []
     for start in range(0, len(files), batch_size):
@@ -160,36 +202,22 @@ def infer_files(detector, files: Sequence[Path], root: Path, output_dir: str | P
                 log(f"warning: {error}; skipped ({len(summary.skipped)} so far)")
         if not batch:
             continue
-        outputs = detector.predict([image for _, _, image in batch])
+        outputs = detector.predict([image for _, _, image in batch], slice=slice)
         for (index, path, image), out in zip(batch, outputs):
             file_name = _relative(path, root)
-            scores = out["scores"].numpy()
-            category_ids = out["category_ids"].numpy()
-            known = category_ids >= 0
-            keep = known & (scores >= score_thresh)
-            summary.num_detections += len(scores)
-            summary.num_uncategorised += int((~known).sum())
-            summary.num_kept += int(keep.sum())
             images.append({"id": index, "file_name": file_name, "width": int(image.shape[1]),
                            "height": int(image.shape[0]), "visualization": names[index]})
-            entries = detection_entries(image_id=index, file_name=file_name, boxes=out["boxes"].numpy()[keep],
-                                        scores=scores[keep], category_ids=category_ids[keep],
-                                        names=cat_names, first_id=len(annotations) + 1)
+            keep, entries = keep_detections(summary, out, score_thresh, image_id=index, file_name=file_name,
+                                            cat_names=cat_names, first_id=len(annotations) + 1)
             annotations += entries
-            for entry in entries:
-                summary.kept_per_class[entry["category_name"]] += 1
             if draw:
                 save_detections(output_dir / names[index], image, out["boxes"].numpy()[keep],
-                                out["labels"].numpy()[keep].tolist(), scores[keep].tolist(),
+                                out["labels"].numpy()[keep].tolist(), out["scores"].numpy()[keep].tolist(),
                                 detector.class_names)
         summary.num_images += len(batch)
-    categories = [{"id": cat, "name": name, "supercategory": ""} for cat, name in sorted(cat_names.items())]
-    info = {"description": "retinanet tools/infer.py detections", "images_root": str(Path(root).absolute()),
-            "score_threshold": score_thresh,
-            "model_score_threshold": float(detector.postprocessor.score_thresh),
-            "max_detections_per_image": int(detector.postprocessor.max_detections),
-            "skipped_files": summary.skipped}
-    summary.document = detections_document(images, annotations, categories, info)
+    info = document_info(detector, score_thresh, images_root=str(Path(root).absolute()),
+                         skipped_files=summary.skipped)
+    summary.document = detections_document(images, annotations, coco_categories(cat_names), info)
     (output_dir / "detections.json").write_text(json.dumps(summary.document))
     return summary
 

@@ -23,6 +23,7 @@ from retinanet.inference import coco_bbox, expand_inputs, infer_files, output_na
 from retinanet.model import build_model
 
 from conftest import REPO_ROOT, tiny_overrides
+from test_video import count_frames, make_clip
 
 MAX_DETS = 10  # per image: keeps the json small and the count exact
 
@@ -45,8 +46,10 @@ def setup(shapes_dir, tmp_path_factory):
         shutil.copy(shapes_dir / "val" / name, mixed / name)
     (mixed / "broken.png").write_bytes(b"not a png")
     (mixed / "notes.txt").write_text("ignored: not an image extension")
+    frames = [np.asarray(Image.open(f).convert("RGB")) for f in sorted((shapes_dir / "val").glob("*.png"))[:4]]
+    make_clip(work / "clip.mp4", frames)
     return {"work": work, "overrides": overrides, "weights": weights, "mixed": mixed,
-            "val": shapes_dir / "val"}
+            "val": shapes_dir / "val", "clip": work / "clip.mp4"}
 
 
 def _start(setup, input_spec, output, *extra):
@@ -65,6 +68,9 @@ def runs(setup):
         "folder": _start(setup, setup["val"], work / "out_folder", "--score", "0.0", "--batch-size", "3"),
         "glob": _start(setup, mixed / "*", work / "out_glob", "--score", "0.0", "--skip-bad"),
         "file": _start(setup, mixed / sorted(os.listdir(mixed))[0], work / "out_file", "--score", "0.0"),
+        "sliced": _start(setup, setup["val"], work / "out_sliced", "--score", "0.0", "--slice", "64", "64",
+                         "--overlap", "0.25"),
+        "video": _start(setup, setup["clip"], work / "out_video", "--score", "0.0", "--batch-size", "2"),
     }
     results = {}
     for name, proc in procs.items():
@@ -140,6 +146,45 @@ def test_single_file(runs, setup, shapes_dir):
     doc = _check_document(setup["work"] / "out_file", [only], shapes_dir)
     assert doc["images"][0]["file_name"] == only.name
     assert sorted(os.listdir(setup["work"] / "out_file")) == sorted(["detections.json", only.stem + ".png"])
+
+
+def test_sliced_folder(runs, setup, shapes_dir):
+    """--slice runs Detector.predict(..., slice=...): the json holds its detections."""
+    code, stdout, stderr = runs["sliced"]
+    assert code == 0, stderr
+    files = sorted(setup["val"].glob("*.png"))
+    doc = _check_document(setup["work"] / "out_sliced", files, shapes_dir)
+    detector = Detector.from_config(REPO_ROOT / "configs" / "shapes_R18.yaml", weights=setup["weights"],
+                                    overrides=setup["overrides"])
+    image = np.array(Image.open(files[0]).convert("RGB"))
+    expected = detector.predict([image], slice=(64, 64, 0.25))[0]
+    first = [a for a in doc["annotations"] if a["image_id"] == 0]
+    assert [a["score"] for a in first] == [round(float(v), 4) for v in expected["scores"]]
+    unsliced = detector.predict([image])[0]
+    assert not torch.equal(expected["scores"], unsliced["scores"])
+
+
+def test_video(runs, setup, shapes_dir):
+    code, stdout, stderr = runs["video"]
+    assert code == 0, stderr
+    out = setup["work"] / "out_video"
+    assert sorted(os.listdir(out)) == ["clip.mp4", "detections.json"]
+    assert count_frames(out / "clip.mp4")[0] == 4
+    doc = json.loads((out / "detections.json").read_text())
+    assert [im["frame_index"] for im in doc["images"]] == [0, 1, 2, 3]
+    assert len(doc["annotations"]) == 4 * MAX_DETS
+    assert f"4 frames: {4 * MAX_DETS} detections above the model's score_thresh 0.0" in stdout
+    assert f"wrote {out / 'clip.mp4'} (4 frames) and {out / 'detections.json'}" in stdout
+
+
+def test_bad_overlap_exits_2_before_loading_the_model(setup, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [
+        "infer.py", "--weights", str(setup["weights"]), "--input", str(setup["val"]), "--output",
+        str(tmp_path / "out"), "--slice", "64", "64", "--overlap", "1.5"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO_ROOT / "tools" / "infer.py"), run_name="__main__")
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: slice overlap is a fraction of the tile in [0, 1), got 1.5\n"
 
 
 def test_unreadable_image_exits_2_naming_it(setup, tmp_path, monkeypatch, capsys):

@@ -1,6 +1,7 @@
 """Evaluate weights with COCO mAP:
 
-    python tools/eval.py --weights W.pth [--config configs/X.yaml] [--output DIR] [key=value ...]
+    python tools/eval.py --weights W.pth [--config configs/X.yaml] [--output DIR] \\
+        [--slice H W [--overlap 0.25]] [key=value ...]
 
 A trainer checkpoint carries its config (validation split, model, postprocessing), class names and
 category ids, so --config is only needed for a bare state dict; key=value overrides apply to
@@ -10,6 +11,10 @@ name the classes the model predicts, in the same order.
 Prints the 12-number COCO summary and per-class AP; writes coco_results.json and metrics.json to
 --output (default: <output_dir>/eval with --config, else eval/ beside the weights) and a few
 images with drawn detections to <output>/vis.
+
+--slice H W evaluates sliced inference (Detector.predict(..., slice=...), retinanet/slicing.py):
+each image is read again at full size for its tiles (the loader's resized copy serves only the
+whole-image pass), so it costs the tiles' forward passes and a second decoding per image.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retinanet.cli import config_parser, run_cli  # noqa: E402
+from retinanet.cli import config_parser, positive_int, run_cli  # noqa: E402
 
 
 def main() -> int:
@@ -28,10 +33,17 @@ def main() -> int:
     parser.add_argument("--weights", required=True, help="checkpoint (.pth); a bare state dict needs --config")
     parser.add_argument("--output", default=None,
                         help="folder for results (default <output_dir>/eval, or eval/ beside the weights)")
+    parser.add_argument("--slice", type=positive_int, nargs=2, metavar=("H", "W"), default=None,
+                        help="sliced inference: also H x W tiles at native resolution (see tools/infer.py)")
+    parser.add_argument("--overlap", type=float, default=0.25,
+                        help="with --slice: the fraction of a tile its neighbours share (default 0.25)")
     args = parser.parse_args()
     from retinanet.data import build_dataset
     from retinanet.detector import check_same_classes, load_detector
     from retinanet.engine.validation import build_evaluator, write_visualizations
+    from retinanet.slicing import Slicing
+
+    slicing = Slicing(*args.slice, overlap=args.overlap) if args.slice else None
 
     detector = load_detector(args.weights, args.config, args.overrides)
     config = detector.config
@@ -40,7 +52,11 @@ def main() -> int:
     default = Path(config.output_dir) if args.config else Path(args.weights).parent
     output = Path(args.output or default / "eval")
     evaluator = build_evaluator(config, dataset, output_dir=output, progress=sys.stderr.isatty())
-    result = evaluator(detector.predict_batch)
+    predict = detector.predict_batch
+    if slicing is not None:
+        def predict(batch):  # tiles need the full-size image, which the loader has resized
+            return detector.predict([dataset.read_image(i) for i in batch.image_ids], slice=slicing)
+    result = evaluator(predict)
     write_visualizations(dataset, result["predictions"], output / "vis", config.eval.num_vis_images,
                          config.eval.vis_score_thresh)
     print(f"wrote {output / 'coco_results.json'} and {output / 'metrics.json'}")

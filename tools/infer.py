@@ -1,7 +1,8 @@
-"""Detect objects in image files and draw them:
+"""Detect objects in image files or a video and draw them:
 
-    python tools/infer.py --weights W.pth --input IMAGE|FOLDER|'GLOB' --output DIR \\
-        [--config configs/X.yaml] [--score 0.3] [--batch-size N] [--skip-bad] [key=value ...]
+    python tools/infer.py --weights W.pth --input IMAGE|FOLDER|'GLOB'|VIDEO --output DIR \\
+        [--config configs/X.yaml] [--score 0.3] [--batch-size N] [--skip-bad] \\
+        [--slice H W [--overlap 0.25]] [key=value ...]
 
 A trainer checkpoint carries its config, class names and category ids: --config is only needed
 for a bare state dict (converted torchvision weights); key=value overrides apply to either.
@@ -14,6 +15,14 @@ list. A folder is read without recursion; quote a glob ('photos/**/*.jpg' recurs
 itself keeps detections above model.postprocess.score_thresh (and at most
 model.postprocess.max_detections per image); --score filters those. Exit code 2: bad config,
 no matching input, or an unreadable image (named; --skip-bad skips and counts them instead).
+
+--slice H W: sliced inference for large images with small objects: the network also runs on
+H x W tiles at their native resolution, neighbours overlapping by --overlap of a tile, merged with
+the whole image's detections by per-class NMS (retinanet/slicing.py).
+
+A video file (--input clip.mp4) writes DIR/<stem>.mp4 with the detections drawn on every frame and
+DIR/detections.json with one "images" entry per frame (retinanet/video.py); a progress bar on
+stderr.
 """
 from __future__ import annotations
 
@@ -38,23 +47,38 @@ def main() -> int:
                         help="images per forward pass (default: eval.batch_size of the config)")
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip unreadable images with a counted warning instead of stopping")
+    parser.add_argument("--slice", type=positive_int, nargs=2, metavar=("H", "W"), default=None,
+                        help="also detect on H x W tiles at native resolution, merged with the whole image")
+    parser.add_argument("--overlap", type=float, default=0.25,
+                        help="with --slice: the fraction of a tile its neighbours share (default 0.25)")
     args = parser.parse_args()
     # Imported only now: a usage error should not wait for torch.
     from retinanet.inference import expand_inputs
+    from retinanet.slicing import Slicing
+    from retinanet.video import infer_video, is_video
 
-    files, root = expand_inputs(args.input)  # before loading the model: a typo fails at once
+    slicing = Slicing(*args.slice, overlap=args.overlap) if args.slice else None
+    video = Path(args.input).is_file() and is_video(args.input)
+    if not video:
+        files, root = expand_inputs(args.input)  # before loading the model: a typo fails at once
     from retinanet.detector import load_detector
     from retinanet.inference import infer_files
 
     detector = load_detector(args.weights, args.config, args.overrides)
     config = detector.config
-    summary = infer_files(detector, files, root, args.output, score_thresh=args.score,
-                          batch_size=args.batch_size or config.eval.batch_size, skip_bad=args.skip_bad)
+    batch_size = args.batch_size or config.eval.batch_size
+    if video:
+        summary = infer_video(detector, args.input, args.output, score_thresh=args.score,
+                              batch_size=batch_size, slice=slicing, progress=sys.stderr.isatty())
+    else:
+        summary = infer_files(detector, files, root, args.output, score_thresh=args.score,
+                              batch_size=batch_size, skip_bad=args.skip_bad, slice=slicing)
     output = Path(args.output)
 
     model_thresh = config.model.postprocess.score_thresh
     skipped = f", {len(summary.skipped)} unreadable skipped" if summary.skipped else ""
-    print(f"{summary.num_images} images{skipped}: {summary.num_detections} detections above the "
+    unit = "frames" if video else "images"
+    print(f"{summary.num_images} {unit}{skipped}: {summary.num_detections} detections above the "
           f"model's score_thresh {model_thresh}, {summary.num_kept} kept with score >= {args.score}")
     if summary.num_uncategorised:
         print(f"left out {summary.num_uncategorised} detections of labels that have no dataset category")
@@ -65,7 +89,9 @@ def main() -> int:
     per_class = ", ".join(f"{name} {count}" for name, count in summary.kept_per_class.items() if count)
     if per_class:
         print(f"kept per class: {per_class}")
-    print(f"wrote {summary.num_images} images and {output / 'detections.json'}")
+    written = (f"{output / Path(args.input).stem}.mp4 ({summary.num_images} frames)" if video
+               else f"{summary.num_images} images")
+    print(f"wrote {written} and {output / 'detections.json'}")
     return 0
 
 

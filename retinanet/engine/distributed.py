@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from .elastic import attempt_store
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,11 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> DistInf
                 "number of GPUs, or train on CPU processes with train.device=cpu (gloo)")
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        store = attempt_store()
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
+            **({} if store is None else {"store": store, "rank": int(os.environ["RANK"]),
+                                         "world_size": int(os.environ["WORLD_SIZE"])}))
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 

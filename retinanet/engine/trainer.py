@@ -21,9 +21,11 @@ from .checkpoint import remove_interrupted_writes
 from .checkpointer import Checkpointer, find_resume
 from .distributed import (all_reduce_mean, barrier, init_distributed, process_device,
                           sync_batchnorm, wrap_ddp)
+from .elastic import checkpoint_written, resume_after_restart
 from .guard import NonFiniteGuard
 from .reporting import Reporter
 from .validation import Validation
+from .watchdog import Watchdog
 
 def _part(part: str, name: str) -> property:
     """An attribute of one of the trainer's parts, read and set through the trainer."""
@@ -37,7 +39,9 @@ class Trainer:
 
     Under `torchrun` each process is one rank of a DistributedDataParallel job: it trains on its
     slice of every global batch; rank 0 alone logs, writes checkpoints and tensorboard; all ranks
-    resume from the same checkpoint and evaluate their shard of the validation set.
+    resume from the same checkpoint and evaluate their shard of the validation set. Restarted by
+    `torchrun --max-restarts`, the ranks resume from the job's newest checkpoint (see elastic.py);
+    a rank that waits longer than train.dist_timeout_s ends the job (see watchdog.py).
     """
     bad_steps = _part("guard", "bad_steps")  # consecutive steps skipped as non-finite
     defer_finite_checks = _part("guard", "defer")
@@ -53,6 +57,9 @@ class Trainer:
         self.device = process_device(device, self.dist)
         self.reporter = Reporter(is_main=self.dist.is_main, max_iter=train.max_iter, log=log)
         self.log = self.reporter.log
+        self.watchdog = Watchdog(timeout_s=train.dist_timeout_s, rank=self.dist.rank,
+                                 enabled=self.dist.world_size > 1)
+        resume = resume_after_restart(resume, self.log)
         self.output_dir = Path(config.output_dir)
         if self.dist.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -123,9 +130,11 @@ class Trainer:
         self.reporter.start(self.iteration)
         while self.iteration < cfg.max_iter:
             fetch_start = time.perf_counter()
-            batch = next(batches).to(self.device, non_blocking=True)
+            with self.watchdog.waiting("its data loader", self.iteration + 1):
+                batch = next(batches).to(self.device, non_blocking=True)
             data_time = time.perf_counter() - fetch_start  # time the step waited for data
-            losses = self.step(batch)
+            with self.watchdog.waiting("its training step and the other ranks' gradients", self.iteration + 1):
+                losses = self.step(batch)
             self.iteration += 1
             self.samples_seen += len(batch.image_ids) * world
             self.reporter.add_step(losses, len(batch.image_ids) * world, data_time)
@@ -184,8 +193,11 @@ class Trainer:
         """Writes output_dir/name (see Checkpointer.save), then keeps only the newest
         train.keep_checkpoints periodic ones."""
         self.settle_skipped_steps()  # the checkpoint's bad_steps must be current
-        return self.checkpointer.save(name, iteration=self.iteration, samples_seen=self.samples_seen,
+        path = self.checkpointer.save(name, iteration=self.iteration, samples_seen=self.samples_seen,
                                       bad_steps=self.bad_steps)
+        if self.dist.is_main:
+            checkpoint_written(path)  # where a torchrun restart resumes
+        return path
 
 
 def _periodic(iteration: int, period: int, max_iter: int) -> bool:

@@ -1,11 +1,13 @@
 """Real multi-process training with torchrun (gloo on CPU): 2 ranks train like 1 (in float64,
-with planted mistakes to show the comparison catches them) and evaluate like 1, one rank with
+with planted mistakes to show the comparison catches them), on one node or as two single-process
+"nodes" of a c10d rendezvous, and evaluate like 1, one rank with
 only negative images does not hang DDP, and a failing rank ends the job. Training is pinned to
 the CPU (train.device=cpu), also on a machine with a GPU: NCCL needs one GPU per rank."""
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +102,11 @@ def _equivalence_run(shapes_dir: Path, out: Path, *, ranks: int, channels_last: 
                 f"--nproc_per_node={ranks}"] if ranks > 1 else [sys.executable]
     _ok(subprocess.run([*launcher, worker, CONFIG, *overrides], cwd=REPO_ROOT, capture_output=True,
                        text=True, timeout=300, env=env))
+    return _equivalence_result(out)
+
+
+def _equivalence_result(out: Path) -> dict:
+    """What tests/ddp_worker.py and the trainer wrote to `out`."""
     final = load_checkpoint(out / "model_final.pth")
     return {"grads": torch.load(out / "first_grads.pth", weights_only=True), "model": final["model"],
             "momentum": {i: s["momentum_buffer"] for i, s in final["optimizer"]["state"].items()},
@@ -142,6 +149,34 @@ def test_two_ranks_of_batch_2_train_like_one_process_of_batch_4(shapes_dir, tmp_
                                                                 channels_last):
     two = _equivalence_run(shapes_dir, tmp_path / "two", ranks=2, channels_last=channels_last)
     _assert_equivalent(two, one_process(channels_last))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_nodes_of_one_process_train_like_one_process_of_batch_4(shapes_dir, tmp_path, one_process):
+    """Two torchrun agents as two "nodes" (--nnodes=2, c10d rendezvous on 127.0.0.1), one rank of
+    batch 2 each: the same promise and bounds as 2 ranks on one node against 1 x 4."""
+    out = tmp_path / "two_nodes"
+    overrides = _equivalence_overrides(shapes_dir, out, 2, channels_last=False)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PLANT="")
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "--rdzv-id=two_nodes",
+            str(REPO_ROOT / "tests" / "ddp_worker.py"), CONFIG, *overrides]
+    nodes = [subprocess.Popen(node, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    try:
+        outputs = [proc.communicate(timeout=300) for proc in nodes]
+    finally:
+        for proc in nodes:
+            proc.kill()  # a node left waiting for a failed peer would otherwise wait minutes
+    for proc, (stdout, stderr) in zip(nodes, outputs):
+        assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    assert sum(f"training {out}:" in stdout for stdout, _ in outputs) == 1  # rank 0 is on one node
+    _assert_equivalent(_equivalence_result(out), one_process(False))
 
 
 @pytest.mark.parametrize("plant", ["num_fg_not_averaged", "rank1_gradient_dropped"])

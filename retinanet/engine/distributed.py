@@ -51,11 +51,11 @@ def init_distributed(device: torch.device, timeout_s: float = 1800.0) -> DistInf
                 "number of GPUs, or train on CPU processes with train.device=cpu (gloo)")
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        store = attempt_store()
-        dist.init_process_group(
-            backend="nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(seconds=timeout_s),
-            **({} if store is None else {"store": store, "rank": int(os.environ["RANK"]),
-                                         "world_size": int(os.environ["WORLD_SIZE"])}))
+        store = attempt_store()  # this attempt's own keys in torchrun's job store (see elastic.py)
+        rendezvous = {} if store is None else {"store": store, "rank": int(os.environ["RANK"]),
+                                               "world_size": int(os.environ["WORLD_SIZE"])}
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s), **rendezvous)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
 
 

@@ -2,7 +2,10 @@
 border cuts, and tiles fed at their native resolution."""
 from __future__ import annotations
 
+import json
 import math
+import runpy
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +13,10 @@ import torch
 from torchvision.ops import batched_nms, box_iou
 
 from retinanet import Detector
+from retinanet.config import load_config
+from retinanet.data import CocoDetection
 from retinanet.errors import ConfigError
+from retinanet.model import build_model
 from retinanet.slicing import Slicing, Tiling, as_slicing, merge_tiles, tile_image, tile_spans
 
 from conftest import REPO_ROOT, tiny_overrides
@@ -156,3 +162,31 @@ def test_one_tile_the_image_size_equals_evaluating_at_that_size(detector, shapes
     merged = detector.predict([image], slice=(256, 256))[0]  # with the whole image, still capped
     assert len(merged["scores"]) == 30
     assert (merged["boxes"] >= 0).all() and (merged["boxes"] <= 256).all()
+
+
+def test_eval_tool_scores_sliced_detections(shapes_dir, tmp_path, monkeypatch, capsys):
+    """tools/eval.py --slice scores Detector.predict(..., slice=...)'s detections of each image."""
+    overrides = tiny_overrides(shapes_dir, tmp_path / "run") + ["model.postprocess.max_detections=20",
+                                                                "model.postprocess.score_thresh=0.0"]
+    config = REPO_ROOT / "configs" / "shapes_R18.yaml"
+    torch.manual_seed(0)
+    weights = tmp_path / "random.pth"
+    torch.save(build_model(load_config(config, overrides).model, 5, load_backbone_weights=False).state_dict(),
+               weights)
+    detector = Detector.from_config(config, weights=weights, overrides=overrides)
+    monkeypatch.setattr(sys, "argv", ["eval.py", "--config", str(config), "--weights", str(weights),
+                                      "--output", str(tmp_path / "eval"), "--slice", "64", "64",
+                                      "--overlap", "0.5", *overrides])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(REPO_ROOT / "tools" / "eval.py"), run_name="__main__")
+    assert exit_info.value.code == 0, capsys.readouterr().err
+    results = json.loads((tmp_path / "eval" / "coco_results.json").read_text())
+    dataset = CocoDetection(shapes_dir / "val", shapes_dir / "annotations" / "instances_val.json")
+    image_id = dataset.image_ids[0]
+    expected = detector.predict([dataset.read_image(image_id)], slice=(64, 64, 0.5))[0]
+    scored = sorted((r["score"] for r in results if r["image_id"] == image_id), reverse=True)
+    assert len(scored) == 20  # the json rounds scores to 5 decimals
+    assert scored == sorted(round(v, 5) for v in expected["scores"].tolist())[::-1]
+    assert len({r["image_id"] for r in results}) == len(dataset.image_ids)
+    unsliced = detector.predict([dataset.read_image(image_id)])[0]
+    assert not torch.equal(unsliced["scores"], expected["scores"])  # so the tiles were scored

@@ -261,6 +261,14 @@ class SchedulerConfig:
 
 
 @dataclass
+class EmaConfig:
+    # Evaluate and save an exponential moving average of the weights (the checkpoint's model;
+    # the raw weights ride along for resume).
+    enabled: bool = False
+    decay: float = 0.9998  # per step, warmed up as min(decay, (1 + n) / (10 + n)) at step n
+
+
+@dataclass
 class TrainConfig:
     batch_size: int = 16  # images per step and per process (total = processes x batch_size)
     max_iter: int = 90000  # optimisation steps
@@ -274,6 +282,14 @@ class TrainConfig:
     checkpoint_period: int = 5000  # iterations between checkpoints (0: only model_final.pth)
     keep_checkpoints: int = 3  # periodic checkpoints kept (the newest); model_final.pth always stays
     eval_period: int = 0  # 0: evaluate only at the end
+    # With eval_period: stop after this many evaluations in a row without a new best AP (0:
+    # never); the best is kept as model_best.pth either way.
+    patience: int = 0
+    # Seconds for the whole run (training, periodic and final evaluations): the run's length (and
+    # the schedule's steps, in proportion) is chosen from the speed measured over its first
+    # iterations, replacing max_iter. 0: max_iter decides.
+    time_budget_s: float = 0.0  # seconds
+    ema: EmaConfig = field(default_factory=EmaConfig)
     # A step whose loss or gradient is not finite is skipped (weights and BatchNorm statistics
     # untouched) and logged with the batch's image ids; this many in a row stop training.
     max_bad_steps: int = 5
@@ -287,15 +303,26 @@ class TrainConfig:
 
 
 @dataclass
+class TtaConfig:
+    # tools/eval.py, tools/infer.py and Detector.predict also run each image mirrored and at the
+    # other scales, merging the detections per class (NMS at model.postprocess.nms_thresh).
+    enabled: bool = False
+    hflip: bool = True  # mirrored views
+    scales: list[float] = field(default_factory=lambda: [1.0])  # factors of the evaluation size
+
+
+@dataclass
 class EvalConfig:
     batch_size: int = 8  # images per evaluation batch
     max_dets: int = 100  # COCOeval's maxDets for AP (AR also reports 1 and 10)
     num_vis_images: int = 4  # images drawn with detections and ground truth (files and tensorboard)
-    vis_score_thresh: float = 0.3  # score above which drawn images show a detection
+    # score from which drawn images show a detection and the confusion matrix counts one
+    vis_score_thresh: float = 0.3
     # pycocotools, or faster_coco_eval (C++, same 12 numbers to 1e-4; pip install -e .[fast-eval])
     backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools"
-    pr_curves: bool = True  # eval/pr_curve_iou50.png and _iou75.png
+    pr_curves: bool = True  # eval/pr_curve_iou50.png and _iou75.png, per_class_ap.png, confusion_matrix.png
     val_loss: bool = False  # also compute the training loss on the validation set (tensorboard)
+    tta: TtaConfig = field(default_factory=TtaConfig)  # test-time augmentation
 
 
 @dataclass
@@ -396,6 +423,13 @@ def validate(config: Config) -> None:
     check(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
     check(t.dist_timeout_s > 0, "train.dist_timeout_s", "must be positive")
     check(t.max_bad_steps >= 1, "train.max_bad_steps", "must be >= 1")
+    check(t.patience >= 0, "train.patience", "must be >= 0 (0: never stop early)")
+    check(t.patience == 0 or t.eval_period > 0, "train.patience",
+          "counts periodic evaluations: set train.eval_period too")
+    check(t.time_budget_s >= 0, "train.time_budget_s", "must be >= 0 (0: train.max_iter decides)")
+    check(0 < t.ema.decay < 1, "train.ema.decay", f"must be in (0, 1), got {t.ema.decay}")
+    check(bool(config.eval.tta.scales) and all(0.1 <= f <= 4 for f in config.eval.tta.scales),
+          "eval.tta.scales", f"need factors of the evaluation size in [0.1, 4], got {config.eval.tta.scales}")
     check(t.checkpoint_period >= 0, "train.checkpoint_period", "must be >= 0 (0: only the final one)")
     check(config.loss.box.beta >= 0, "loss.box.beta", "must be >= 0")
     cls = config.loss.cls

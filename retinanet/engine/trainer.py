@@ -17,11 +17,14 @@ from ..losses.focal import upcast
 from ..model import use_fast_memory_format
 from .building import (build_datasets, build_optimizer, build_scheduler, build_train_model,
                        configure_determinism, resolve_config, resolve_device, seed_everything)
+from .best import BestTracker
+from .budget import TimeBudget
 from .checkpoint import remove_interrupted_writes
 from .checkpointer import Checkpointer, find_resume
-from .distributed import (all_reduce_mean, barrier, init_distributed, process_device,
-                          sync_batchnorm, wrap_ddp)
+from .distributed import (all_reduce_mean, barrier, broadcast_from_main, init_distributed,
+                          process_device, sync_batchnorm, wrap_ddp)
 from .elastic import checkpoint_written, resume_after_restart
+from .ema import ModelEMA
 from .guard import NonFiniteGuard
 from .reporting import Reporter
 from .validation import Validation
@@ -50,6 +53,7 @@ class Trainer:
 
     def __init__(self, config: Config, *, resume: Optional[str] = None,
                  log: Callable[[str], None] = print):
+        self.start_time = time.perf_counter()  # train.time_budget_s counts from here
         train = config.train
         seed_everything(train.seed)
         device = resolve_device(train.device)
@@ -93,10 +97,16 @@ class Trainer:
             model=self.model, optimizer=self.optimizer, scaler=self.scaler, scheduler=self.scheduler,
             use_amp=self.use_amp, max_bad_steps=train.max_bad_steps, report=self.reporter.skipped_step,
             defer=self.device.type == "cuda" and bool(self.optimizer.defaults.get("fused")))
+        # one average on every rank: their weights are identical after each all-reduced step
+        self.ema = ModelEMA(self.model, train.ema.decay) if train.ema.enabled else None
+        self.best = BestTracker(train.patience)
+        self.budget = TimeBudget(train.time_budget_s, start_time=self.start_time, eval_period=train.eval_period,
+                                 checkpoint_period=train.checkpoint_period) if train.time_budget_s else None
+        self.length_chosen = False  # by the budget, in this run or the one it resumes
         self.checkpointer = Checkpointer(
             output_dir=self.output_dir, keep=train.keep_checkpoints, is_main=self.dist.is_main,
             model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
-            criterion=self.criterion, log=self.log, metadata={
+            criterion=self.criterion, log=self.log, ema=self.ema, metadata={
                 "config": config_to_yaml(config), "class_names": list(self.train_set.class_names),
                 "category_ids": [self.train_set.label_to_cat_id.get(i, -1)
                                  for i in range(config.model.num_classes)]})
@@ -107,8 +117,15 @@ class Trainer:
             self.iteration = counters["iteration"]
             self.samples_seen = counters.get("samples_seen", self.iteration * train.batch_size)
             self.bad_steps = counters.get("bad_steps", 0)
+            run = counters["run"]
+            if "best" in run:
+                self.best.load_state_dict(run["best"])
+            if "length" in run:  # the length a time budget chose: kept, not measured again
+                self.set_length(**run["length"])
+                self.budget = None
         self.validation = None if self.val_set is None else Validation(
-            config, dataset=self.val_set, model=self.model, criterion=self.criterion, device=self.device,
+            config, dataset=self.val_set, model=self.ema.module if self.ema else self.model,
+            criterion=self.criterion, device=self.device,
             dist=self.dist, output_dir=self.output_dir, log=self.log)
         self.reporter.open_tensorboard(self.output_dir / "tensorboard")
 
@@ -128,14 +145,19 @@ class Trainer:
                  f"batch {cfg.batch_size}{processes}, device {self.device}")
         self.model.train()
         self.reporter.start(self.iteration)
-        while self.iteration < cfg.max_iter:
+        # with a budget, max_iter is only a bound once the budget has chosen it
+        while self.iteration < cfg.max_iter or (self.budget is not None and not self.length_chosen):
             fetch_start = time.perf_counter()
             with self.watchdog.waiting("its data loader", self.iteration + 1):
                 batch = next(batches).to(self.device, non_blocking=True)
             data_time = time.perf_counter() - fetch_start  # time the step waited for data
             with self.watchdog.waiting("its training step and the other ranks' gradients", self.iteration + 1):
                 losses = self.step(batch)
+            if self.ema is not None and losses is not None:
+                self.ema.update(self.model)
             self.iteration += 1
+            if self.budget is not None and self.budget.observe(self.iteration, time.perf_counter()):
+                self.choose_length()
             self.samples_seen += len(batch.image_ids) * world
             self.reporter.add_step(losses, len(batch.image_ids) * world, data_time)
             if self.iteration % cfg.log_period == 0 or self.iteration == cfg.max_iter:
@@ -144,14 +166,54 @@ class Trainer:
             if _periodic(self.iteration, cfg.checkpoint_period, cfg.max_iter):
                 self.save(f"model_{self.iteration:07d}.pth")
             if _periodic(self.iteration, cfg.eval_period, cfg.max_iter):
-                self.evaluate()
+                self.keep_best(self.evaluate())
                 self.model.train()
+                if self.best.stop:
+                    self.log(f"stopping early at iteration {self.iteration}: {self.best.reason()}")
+                    break
         self.reporter.stop()
         self.save("model_final.pth")
         self.reporter.done()
         result = self.evaluate(visualize=True) if self.validation is not None else None
+        if result is not None and cfg.eval_period:
+            self.keep_best(result)
         self.writer.close()
         return result
+
+    def keep_best(self, result: dict) -> None:
+        """model_best.pth when this evaluation's AP is the best so far (not a restart point)."""
+        if self.best.update(result["metrics"]["AP"], self.iteration):
+            self.checkpointer.save("model_best.pth", iteration=self.iteration, samples_seen=self.samples_seen,
+                                   bad_steps=self.bad_steps, run=self.run_state())
+
+    def choose_length(self) -> None:
+        """train.time_budget_s: the run's length from the measured speed and evaluation cost
+        (rank 0's choice on every rank), into the run's state and its folder's config.yaml."""
+        eval_seconds = self.validation.estimate_seconds() if self.validation is not None else 0.0
+        save_seconds = self.checkpointer.estimate_seconds()
+        chosen = self.budget.choose(self.iteration, time.perf_counter(), eval_seconds, save_seconds)
+        chosen = broadcast_from_main(chosen)
+        configured = self.config.train.max_iter
+        self.set_length(chosen, [round(step * chosen / configured) for step in self.config.train.scheduler.steps])
+        self.log(self.budget.describe(configured))
+
+    def set_length(self, max_iter: int, steps: list[int]) -> None:
+        """The run's max_iter and multistep steps (the cosine schedule reads max_iter), in this
+        trainer's own config: the caller's stays as given."""
+        train = self.config.train
+        train.max_iter, train.scheduler.steps = max_iter, list(steps)
+        self.reporter.max_iter, self.length_chosen = max_iter, True
+        self.checkpointer.metadata["config"] = config_to_yaml(self.config)
+        if self.dist.is_main:
+            save_config(self.config, self.output_dir / "config.yaml")
+
+    def run_state(self) -> dict:
+        """The run's own state for checkpoints: best AP and patience count, a budget's length."""
+        state = {"best": self.best.state_dict()}
+        if self.length_chosen:
+            state["length"] = {"max_iter": self.config.train.max_iter,
+                               "steps": list(self.config.train.scheduler.steps)}
+        return state
 
     def step(self, batch) -> Optional[dict[str, torch.Tensor]]:
         """One optimisation step; returns the detached losses, or None when the step was skipped
@@ -194,7 +256,7 @@ class Trainer:
         train.keep_checkpoints periodic ones."""
         self.settle_skipped_steps()  # the checkpoint's bad_steps must be current
         path = self.checkpointer.save(name, iteration=self.iteration, samples_seen=self.samples_seen,
-                                      bad_steps=self.bad_steps)
+                                      bad_steps=self.bad_steps, run=self.run_state())
         if self.dist.is_main:
             checkpoint_written(path)  # where a torchrun restart resumes
         return path

@@ -2,6 +2,7 @@
 the same images, and detections drawn over a few of them."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -76,6 +77,20 @@ class Validation:
         if on_outputs is not None:
             on_outputs(out, batch)
         return detections
+
+    def estimate_seconds(self, batches: int = 2) -> float:
+        """Seconds an evaluation will take on this rank: the first `batches` of its shard
+        predicted and timed (workers starting included), scaled to the shard, plus a fifth for
+        the scoring and drawing that follow (train.time_budget_s)."""
+        loader = build_evaluator(self.config, self.dataset, output_dir=self.output_dir / "eval",
+                                 rank=self.dist.rank, world_size=self.dist.world_size).loader
+        start, timed = time.perf_counter(), 0
+        for batch in loader:
+            self.predict(batch)
+            timed += 1
+            if timed == batches:
+                break
+        return (time.perf_counter() - start) * len(loader) / max(timed, 1) * 1.2
 
     def __call__(self, *, visualize: bool = False, progress: bool = False) -> tuple[dict, list]:
         ev = self.config.eval

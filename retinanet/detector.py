@@ -5,6 +5,7 @@
     detector = Detector.from_config("configs/shapes_R18.yaml", weights="runs/shapes_R18/model_final.pth")
     detections = detector.predict([rgb_uint8_image])   # [{"boxes", "scores", "labels", "category_ids"}]
     detections = detector.predict([large_image], slice=(512, 512))  # tiles at native size + whole
+    detector.tta = TestTimeAugmentation(scales=(1.0, 1.5))  # flipped and rescaled views too (eval.tta)
 
 What the labels mean (a class name and a dataset category id per label) comes from the weights
 file when it is a trainer checkpoint, which carries them with its config: the checkpoint is the
@@ -30,6 +31,7 @@ from .model.fold import fold_batchnorm
 from .model.winograd import use_winograd
 from .predictor import PostProcessor, build_postprocessor
 from .slicing import Slicing, as_slicing, merge_tiles, tile_image
+from .tta import TestTimeAugmentation, predict_with_tta
 from .weights import is_path, load_checkpoint, load_model_weights
 
 
@@ -47,7 +49,7 @@ class Detector:
                  size_divisibility: int, class_names: Sequence[str] | None = None,
                  label_to_cat_id: dict[int, int] | None = None, device: str | torch.device = "cpu",
                  channels_last: bool | None = None, compile: bool = False, winograd: bool = False,
-                 config: Config | None = None):
+                 config: Config | None = None, tta: TestTimeAugmentation | None = None):
         self.device = torch.device(device)
         self.config = config  # what from_config / from_checkpoint built it from
         self.model = use_fast_memory_format(model, self.device, channels_last)
@@ -63,6 +65,7 @@ class Detector:
         self._compiled = CompiledOrNone(self.model, "model.compile_inference",
                                         inductor_config={"freezing": True}) if compile else None
         self.transform, self.postprocessor = transform, postprocessor
+        self.tta = tta  # predict_batch (so predict and evaluation) runs every view and merges them
         self._tile_transforms: dict[tuple[int, int], EvalTransform] = {}  # per tile size
         self.collate = Collate(size_divisibility)
         num_classes = model.num_classes
@@ -131,7 +134,9 @@ class Detector:
                    postprocessor=build_postprocessor(cfg),
                    size_divisibility=cfg.data.size_divisibility, class_names=names,
                    label_to_cat_id=label_to_cat_id, device=device, channels_last=cfg.model.channels_last,
-                   compile=cfg.model.compile_inference, winograd=cfg.model.winograd, config=cfg)
+                   compile=cfg.model.compile_inference, winograd=cfg.model.winograd, config=cfg,
+                   tta=TestTimeAugmentation(tuple(cfg.eval.tta.scales), cfg.eval.tta.hflip)
+                   if cfg.eval.tta.enabled else None)
 
     @torch.no_grad()
     def run_batch(self, batch: Batch) -> tuple[RetinaNetOutput, list[dict[str, Tensor]]]:
@@ -151,8 +156,14 @@ class Detector:
 
     @torch.no_grad()
     def predict_batch(self, batch: Batch) -> list[dict[str, Tensor]]:
-        """run_batch's detections (the callable an Evaluator takes)."""
-        return self.run_batch(batch)[1]
+        """run_batch's detections (the callable an Evaluator takes); with `tta`, those of every
+        view merged per image (see retinanet/tta.py)."""
+        if self.tta is None:
+            return self.run_batch(batch)[1]
+        return predict_with_tta(lambda view: self.run_batch(view)[1], batch, self.tta,
+                                size_divisibility=self.collate.size_divisibility,
+                                nms_thresh=self.postprocessor.nms_thresh,
+                                max_detections=self.postprocessor.max_detections)
 
     def predict(self, images: Sequence[np.ndarray | Tensor],
                 slice: Slicing | Sequence[float] | None = None) -> list[dict[str, Tensor]]:
@@ -172,14 +183,19 @@ class Detector:
         return [{"boxes": o["boxes"].cpu(), "scores": o["scores"].cpu(), "labels": o["labels"].cpu(),
                  "category_ids": self._cat_id_lookup[o["labels"].cpu()]} for o in outputs]
 
-    def _predict_resized(self, images: Sequence[np.ndarray | Tensor]) -> list[dict[str, Tensor]]:
-        """Checked images, each resized by the evaluation transform -> detections on the device."""
+    def preprocess(self, images: Sequence[np.ndarray | Tensor]) -> Batch:
+        """Images as `predict` takes them -> the Batch its model sees: normalised, resized by the
+        evaluation transform and padded (images (B, 3, H, W) on the device)."""
         # Images go to the model's device before preprocessing (as uint8 when they are arrays:
         # a quarter of the bytes), so that on a GPU normalising, resizing and padding run there,
         # as torchvision's GeneralizedRCNNTransform does, instead of on the host.
-        samples = [self.transform({"image": self._to_device(img), "image_id": i, "orig_size": _hw(img)})
-                   for i, img in enumerate(images)]
-        return self.predict_batch(self.collate(samples)) if samples else []
+        images = [_check_image(img, i) for i, img in enumerate(images)]
+        return self.collate([self.transform({"image": self._to_device(img), "image_id": i, "orig_size": _hw(img)})
+                             for i, img in enumerate(images)])
+
+    def _predict_resized(self, images: Sequence[np.ndarray | Tensor]) -> list[dict[str, Tensor]]:
+        """Checked images, each resized by the evaluation transform -> detections on the device."""
+        return self.predict_batch(self.preprocess(images)) if images else []
 
     def _predict_sliced(self, images: Sequence[np.ndarray | Tensor],
                         slicing: Slicing) -> list[dict[str, Tensor]]:

@@ -128,6 +128,18 @@ class Predictor(nn.Module):
         return self.postprocessor.padded(cls_logits, box_deltas, anchors, size.expand(images.shape[0], 2))
 
 
+def merge_detections(parts: Sequence[dict[str, Tensor]], *, nms_thresh: float,
+                     max_detections: int) -> dict[str, Tensor]:
+    """Detection sets of one image {"boxes" (n, 4) xyxy in the same pixels, "scores", "labels"}
+    -> one set, by one per-class NMS over all of them (torchvision batched_nms), the best
+    `max_detections` kept, best first."""
+    boxes = torch.cat([p["boxes"] for p in parts])
+    scores = torch.cat([p["scores"] for p in parts])
+    labels = torch.cat([p["labels"] for p in parts])
+    keep = batched_nms(boxes, scores, labels, nms_thresh)[:max_detections]
+    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+
+
 def _pad_per_image(boxes: Tensor, scores: Tensor, labels: Tensor, image_idx: Tensor, batch: int,
                    limit: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """Detections (N, ...) of the whole batch, by decreasing score -> the first `limit` of each

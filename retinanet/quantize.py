@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-from torch import Tensor
 
 from .boxes import pairwise_iou
 from .data import build_dataset
@@ -58,18 +57,10 @@ def calibration_files(source: str | Path, config, limit: int | None = None) -> l
     return files
 
 
-def preprocess(detector: Detector, images: Sequence[np.ndarray]) -> Tensor:
-    """RGB uint8 (H, W, 3) images -> the (B, 3, H', W') normalised, resized and padded batch
-    `Detector.predict` feeds its model: the detector's transform and collate, on the CPU."""
-    samples = [detector.transform({"image": image, "image_id": i, "orig_size": image.shape[:2]})
-               for i, image in enumerate(images)]
-    return detector.collate(samples).images
-
-
 def calibration_batches(detector: Detector, files: Sequence[Path]) -> Iterator[np.ndarray]:
     """One (1, 3, H, W) float32 array per file: images of any size calibrate at their own."""
     for path in files:
-        yield preprocess(detector, [read_rgb(path)]).numpy()
+        yield detector.preprocess([read_rgb(path)]).images.cpu().numpy()
 
 
 def network_nodes(model) -> set[str]:
@@ -199,7 +190,7 @@ def compare_with_float(detector: Detector, fp32_path: str | Path, int8_path: str
     sessions = onnx_session(fp32_path), onnx_session(int8_path)
     reference, actual = [], []
     for path in files:
-        batch = preprocess(detector, [read_rgb(path)])
+        batch = detector.preprocess([read_rgb(path)]).images.cpu()
         size = [tuple(batch.shape[-2:])]
         for out, session in zip((reference, actual), sessions):
             out += per_image_detections(run_onnx(session, batch), size, size)

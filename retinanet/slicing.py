@@ -24,9 +24,9 @@ from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
-from torchvision.ops import batched_nms
 
 from .errors import ConfigError
+from .predictor import merge_detections
 
 # A cut object's box ends at the tile edge, give or take the box regression's error (px).
 EDGE_MARGIN = 2.0
@@ -112,17 +112,10 @@ def merge_tiles(tile_detections: Sequence[dict[str, Tensor]], tiling: Tiling,
     """Per tile (in `tiling.windows()` order) {"boxes" (n, 4) xyxy in the tile's pixels,
     "scores" (n,), "labels" (n,)}, and optionally the whole image's in image pixels -> the
     merged {"boxes" (N, 4) in image pixels, "scores" (N,), "labels" (N,)}, best first."""
-    boxes, scores, labels = [], [], []
+    parts = []
     for index, ((x0, y0, _, _), dets) in enumerate(zip(tiling.windows(), tile_detections)):
         shifted = dets["boxes"] + dets["boxes"].new_tensor([x0, y0, x0, y0])
         keep = ~cut_by_inner_edge(shifted, tiling, index // len(tiling.xs), index % len(tiling.xs), margin)
-        boxes.append(shifted[keep])
-        scores.append(dets["scores"][keep])
-        labels.append(dets["labels"][keep])
-    if whole is not None:
-        boxes.append(whole["boxes"])
-        scores.append(whole["scores"])
-        labels.append(whole["labels"])
-    boxes, scores, labels = torch.cat(boxes), torch.cat(scores), torch.cat(labels)
-    keep = batched_nms(boxes, scores, labels, nms_thresh)[:max_detections]  # by decreasing score
-    return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+        parts.append({"boxes": shifted[keep], "scores": dets["scores"][keep], "labels": dets["labels"][keep]})
+    return merge_detections(parts + ([whole] if whole is not None else []), nms_thresh=nms_thresh,
+                            max_detections=max_detections)

@@ -22,7 +22,8 @@ LAYERS = [
     ["config", "boxes", "weights", "compiling", "visualize"],  # leaves several layers share
     ["data"],
     ["model"],
-    ["losses", "predictor", "slicing"],
+    ["losses", "predictor"],
+    ["slicing", "tta"],  # views of images whose detections merge by predictor.merge_detections
     ["detector", "inference", "analysis", "export"],
     ["video"],  # the frame loop: inference's json and counting
     ["quantize"],  # calibrates through a Detector, quantizes what export writes

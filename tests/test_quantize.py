@@ -15,7 +15,7 @@ from retinanet.data import build_transform
 from retinanet.errors import ConfigError
 from retinanet.export import export_onnx, onnx_session, run_onnx
 from retinanet.quantize import (calibration_batches, calibration_files, compare_with_float,
-                                detection_overlap, float_convolutions, network_nodes, preprocess,
+                                detection_overlap, float_convolutions, network_nodes,
                                 quantize_onnx)
 from retinanet.detector import Detector
 from retinanet.inference import read_rgb
@@ -92,7 +92,7 @@ def test_int8_runs_at_another_batch_and_size(exported, shapes_dir):
     """The INT8 graph keeps the float32 graph's dynamic batch, height and width."""
     detector, _, _, int8, _ = exported
     images = [read_rgb(p) for p in calibration_files(shapes_dir / "val", None)[:3]]
-    batch = preprocess(detector, images)
+    batch = detector.preprocess(images).images
     boxes, scores, labels, counts = run_onnx(onnx_session(int8), torch.nn.functional.pad(batch, (0, 128)))
     assert boxes.shape == (3, detector.postprocessor.max_detections, 4) and counts.shape == (3,)
 

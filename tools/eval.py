@@ -1,7 +1,7 @@
 """Evaluate weights with COCO mAP:
 
     python tools/eval.py --weights W.pth [--config configs/X.yaml] [--output DIR] \\
-        [--slice H W [--overlap 0.25]] [key=value ...]
+        [--slice H W [--overlap 0.25]] [--tta] [key=value ...]
 
 A trainer checkpoint carries its config (validation split, model, postprocessing), class names and
 category ids, so --config is only needed for a bare state dict; key=value overrides apply to
@@ -35,9 +35,13 @@ def main() -> int:
                         help="folder for results (default <output_dir>/eval, or eval/ beside the weights)")
     parser.add_argument("--slice", type=positive_int, nargs=2, metavar=("H", "W"), default=None,
                         help="sliced inference: also H x W tiles at native resolution (see tools/infer.py)")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: eval.tta.enabled=true (flip, and eval.tta.scales)")
     parser.add_argument("--overlap", type=float, default=0.25,
                         help="with --slice: the fraction of a tile its neighbours share (default 0.25)")
     args = parser.parse_args()
+    if args.tta:
+        args.overrides = [*args.overrides, "eval.tta.enabled=true"]
     from retinanet.data import build_dataset
     from retinanet.detector import check_same_classes, load_detector
     from retinanet.engine.validation import build_evaluator, write_visualizations

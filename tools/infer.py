@@ -2,7 +2,7 @@
 
     python tools/infer.py --weights W.pth --input IMAGE|FOLDER|'GLOB'|VIDEO --output DIR \\
         [--config configs/X.yaml] [--score 0.3] [--batch-size N] [--skip-bad] \\
-        [--slice H W [--overlap 0.25]] [key=value ...]
+        [--slice H W [--overlap 0.25]] [--tta] [key=value ...]
 
 A trainer checkpoint carries its config, class names and category ids: --config is only needed
 for a bare state dict (converted torchvision weights); key=value overrides apply to either.
@@ -49,9 +49,13 @@ def main() -> int:
                         help="skip unreadable images with a counted warning instead of stopping")
     parser.add_argument("--slice", type=positive_int, nargs=2, metavar=("H", "W"), default=None,
                         help="also detect on H x W tiles at native resolution, merged with the whole image")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: eval.tta.enabled=true (flip, and eval.tta.scales)")
     parser.add_argument("--overlap", type=float, default=0.25,
                         help="with --slice: the fraction of a tile its neighbours share (default 0.25)")
     args = parser.parse_args()
+    if args.tta:
+        args.overrides = [*args.overrides, "eval.tta.enabled=true"]
     # Imported only now: a usage error should not wait for torch.
     from retinanet.inference import expand_inputs
     from retinanet.slicing import Slicing

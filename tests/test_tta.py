@@ -1,0 +1,74 @@
+"""Test-time augmentation: views made from the batch, boxes mapped back, duplicates merged."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from retinanet.data.loader import Batch, pad_images
+from retinanet.errors import ConfigError
+from retinanet.predictor import merge_detections
+from retinanet.tta import TestTimeAugmentation, mirror_boxes, predict_with_tta, view_batch
+
+
+def _batch() -> Batch:
+    """Two images (their resized size is their original size / 2): a bright 4 x 6 block each."""
+    images = [torch.zeros(3, 32, 48), torch.zeros(3, 40, 24)]
+    images[0][:, 8:12, 5:11] = 1.0
+    images[1][:, 20:24, 14:20] = 1.0
+    return Batch(images=pad_images(images, 16), boxes=[], labels=[], image_ids=[1, 2],
+                 image_sizes=[(32, 48), (40, 24)], orig_sizes=[(64, 96), (80, 48)])
+
+
+def _find_block(batch: Batch) -> list[dict[str, torch.Tensor]]:
+    """A stand-in network: the bright block's box in each view, in original pixels (as a
+    Detector's predict_batch returns), score by view size so that views differ."""
+    out = []
+    for image, (h, w), (oh, ow) in zip(batch.images, batch.image_sizes, batch.orig_sizes):
+        ys, xs = torch.nonzero(image[0, :h, :w] > 0.5, as_tuple=True)
+        box = torch.stack([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]).float()
+        box = box * torch.tensor([ow / w, oh / h, ow / w, oh / h])
+        out.append({"boxes": box[None], "scores": torch.tensor([0.5 + h / 1000]), "labels": torch.tensor([3])})
+    return out
+
+
+def test_views_flip_and_scale_the_unpadded_images():
+    batch = _batch()
+    flipped = view_batch(batch, 1.0, True, 16)
+    assert flipped.image_sizes == batch.image_sizes
+    assert torch.equal(flipped.images[0, :, :32, :48], batch.images[0, :, :32, :48].flip(-1))
+    assert torch.equal(flipped.images[1, :, :40, :24], batch.images[1, :, :40, :24].flip(-1))
+    larger = view_batch(batch, 1.5, False, 16)
+    assert larger.image_sizes == [(48, 72), (60, 36)] and larger.images.shape[-2:] == (64, 80)
+    assert larger.orig_sizes == batch.orig_sizes
+
+
+def test_a_flipped_duplicate_merges_into_one_detection_in_original_pixels():
+    batch = _batch()
+    plain = _find_block(batch)
+    merged = predict_with_tta(_find_block, batch, TestTimeAugmentation(scales=(1.0,), hflip=True),
+                              size_divisibility=16, nms_thresh=0.5, max_detections=100)
+    for found, expected in zip(merged, plain):
+        # the flipped view found the block on the other side; mirrored back it is the same box
+        assert len(found["boxes"]) == 1 and torch.equal(found["boxes"], expected["boxes"])
+    assert torch.equal(plain[0]["boxes"], torch.tensor([[10.0, 16.0, 22.0, 24.0]]))
+    # at another scale the block's box is the same object within the resampling's pixel
+    scaled = predict_with_tta(_find_block, batch, TestTimeAugmentation(scales=(1.0, 2.0), hflip=True),
+                              size_divisibility=16, nms_thresh=0.5, max_detections=100)
+    assert [len(s["boxes"]) for s in scaled] == [1, 1]
+    assert scaled[0]["scores"].item() == pytest.approx(0.5 + 64 / 1000)  # the larger view's, kept by NMS
+
+
+def test_merge_keeps_other_classes_and_caps_the_count():
+    box = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    parts = [{"boxes": box, "scores": torch.tensor([0.9]), "labels": torch.tensor([0])},
+             {"boxes": box + 0.5, "scores": torch.tensor([0.8]), "labels": torch.tensor([0])},
+             {"boxes": box, "scores": torch.tensor([0.7]), "labels": torch.tensor([1])}]
+    merged = merge_detections(parts, nms_thresh=0.5, max_detections=100)
+    assert merged["labels"].tolist() == [0, 1] and merged["scores"].tolist() == pytest.approx([0.9, 0.7])
+    assert len(merge_detections(parts, nms_thresh=0.5, max_detections=1)["labels"]) == 1
+
+
+def test_mirror_and_bad_scales():
+    assert mirror_boxes(torch.tensor([[1.0, 2.0, 4.0, 5.0]]), 10).tolist() == [[6.0, 2.0, 9.0, 5.0]]
+    with pytest.raises(ConfigError, match="eval.tta.scales"):
+        TestTimeAugmentation(scales=(0.0,))

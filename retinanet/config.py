@@ -288,7 +288,7 @@ class TrainConfig:
     # Seconds for the whole run (training, periodic and final evaluations): the run's length (and
     # the schedule's steps, in proportion) is chosen from the speed measured over its first
     # iterations, replacing max_iter. 0: max_iter decides.
-    time_budget_s: float = 0.0  # seconds
+    time_budget_s: float = 0.0
     ema: EmaConfig = field(default_factory=EmaConfig)
     # A step whose loss or gradient is not finite is skipped (weights and BatchNorm statistics
     # untouched) and logged with the batch's image ids; this many in a row stop training.

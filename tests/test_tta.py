@@ -72,3 +72,42 @@ def test_mirror_and_bad_scales():
     assert mirror_boxes(torch.tensor([[1.0, 2.0, 4.0, 5.0]]), 10).tolist() == [[6.0, 2.0, 9.0, 5.0]]
     with pytest.raises(ConfigError, match="eval.tta.scales"):
         TestTimeAugmentation(scales=(0.0,))
+
+
+def test_tta_does_not_lower_ap_of_a_trained_tiny_model(tmp_path):
+    """Trained on four images with flips (as test_train's overfit test, at half its LR-steps),
+    scored on the same images: the mirrored views agree with the plain one, so merging them
+    cannot lose an object the plain view finds; AP is not lowered."""
+    from types import SimpleNamespace
+
+    from conftest import REPO_ROOT
+    from retinanet.config import load_config
+    from retinanet.data import CocoDetection
+    from retinanet.data.shapes import generate_shapes_dataset
+    from retinanet.detector import Detector
+    from retinanet.engine.evaluator import Evaluator
+    from retinanet.engine.trainer import Trainer
+
+    data = tmp_path / "few"
+    generate_shapes_dataset(data, num_train=4, num_val=1, image_size=128, min_size=12, seed=11)
+    images, annotations = data / "train", data / "annotations" / "instances_train.json"
+    cfg = load_config(REPO_ROOT / "configs" / "shapes_R18.yaml", [
+        f"data.train.images={images}", f"data.train.annotations={annotations}",
+        f"data.val.images={images}", f"data.val.annotations={annotations}",
+        f"output_dir={tmp_path / 'run'}", "data.num_workers=0", "train.batch_size=4", "train.max_iter=150",
+        "train.log_period=50", "train.optimizer.lr=0.001", "train.scheduler.warmup_iters=20",
+        "eval.num_vis_images=0", "eval.pr_curves=false"])
+    torch.manual_seed(0)
+    Trainer(cfg, log=lambda s: None).train()
+    dataset = CocoDetection(images, annotations)
+    loader = [SimpleNamespace(image_ids=dataset.image_ids)]
+    detector = Detector.from_checkpoint(tmp_path / "run" / "model_final.pth", device="cpu")
+
+    def predict(batch):
+        return detector.predict([dataset.read_image(i) for i in batch.image_ids])
+
+    plain = Evaluator(dataset, loader)(predict, log=lambda s: None)["metrics"]
+    detector.tta = TestTimeAugmentation(scales=(1.0,), hflip=True)
+    flipped = Evaluator(dataset, loader)(predict, log=lambda s: None)["metrics"]
+    assert plain["AP50"] > 0.5, plain  # a model that finds the objects
+    assert flipped["AP"] >= plain["AP"] and flipped["AP50"] >= plain["AP50"], (plain, flipped)

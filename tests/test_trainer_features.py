@@ -80,7 +80,7 @@ def test_best_checkpoint_and_patience_follow_the_evaluations(tiny_config):
 def test_time_budget_chooses_the_length_and_ends_near_the_budget(tiny_config):
     cfg = _quiet(tiny_config)
     cfg.train.deterministic = False
-    budget = 40.0
+    budget = 30.0
     cfg.train.max_iter, cfg.train.time_budget_s, cfg.train.checkpoint_period = 100_000, budget, 40
     cfg.train.scheduler.type, cfg.train.scheduler.steps = "multistep", [60_000, 80_000]
     before = copy.deepcopy(cfg)

@@ -60,8 +60,8 @@ class Checkpointer:
         if self.ema is not None:
             weights = {"model": self.ema.module.state_dict(), "model_raw": weights["model"],
                        "ema": self.ema.state_dict()}
-        bad = [f"{entry}.{k}" for entry in ("model", "model_raw") for k, v in weights.get(entry, {}).items()
-               if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        bad = [k if entry == "model" else f"{entry}.{k}" for entry in ("model", "model_raw")
+               for k, v in weights.get(entry, {}).items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if bad:
             raise TrainingDiverged(f"not writing {path}: non-finite values in {bad[:5]}")
         if not self.is_main:

@@ -40,6 +40,22 @@ def dataset_arguments(parser: argparse.ArgumentParser) -> None:
                         help="class names in label order (data.classes)")
 
 
+def view_arguments(parser: argparse.ArgumentParser) -> None:
+    """--slice H W, --overlap and --tta, for the tools that run a Detector (eval, infer); after
+    parsing, `view_overrides(args)` turns --tta into its config override."""
+    parser.add_argument("--slice", type=positive_int, nargs=2, metavar=("H", "W"), default=None,
+                        help="also detect on H x W tiles at native resolution, merged with the whole image")
+    parser.add_argument("--overlap", type=float, default=0.25,
+                        help="with --slice: the fraction of a tile its neighbours share (default 0.25)")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation: eval.tta.enabled=true (flip, and eval.tta.scales)")
+
+
+def view_overrides(args: argparse.Namespace) -> list[str]:
+    """The dotted overrides with --tta's added."""
+    return [*args.overrides, "eval.tta.enabled=true"] if args.tta else list(args.overrides)
+
+
 def positive_int(text: str) -> int:
     """argparse type for counts such as --batch-size."""
     value = int(text)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retinanet.cli import config_parser, positive_int, run_cli  # noqa: E402
+from retinanet.cli import config_parser, run_cli, view_arguments, view_overrides  # noqa: E402
 
 
 def main() -> int:
@@ -33,15 +33,9 @@ def main() -> int:
     parser.add_argument("--weights", required=True, help="checkpoint (.pth); a bare state dict needs --config")
     parser.add_argument("--output", default=None,
                         help="folder for results (default <output_dir>/eval, or eval/ beside the weights)")
-    parser.add_argument("--slice", type=positive_int, nargs=2, metavar=("H", "W"), default=None,
-                        help="sliced inference: also H x W tiles at native resolution (see tools/infer.py)")
-    parser.add_argument("--tta", action="store_true",
-                        help="test-time augmentation: eval.tta.enabled=true (flip, and eval.tta.scales)")
-    parser.add_argument("--overlap", type=float, default=0.25,
-                        help="with --slice: the fraction of a tile its neighbours share (default 0.25)")
+    view_arguments(parser)
     args = parser.parse_args()
-    if args.tta:
-        args.overrides = [*args.overrides, "eval.tta.enabled=true"]
+    args.overrides = view_overrides(args)
     from retinanet.data import build_dataset
     from retinanet.detector import check_same_classes, load_detector
     from retinanet.engine.validation import build_evaluator, write_visualizations

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from retinanet.cli import config_parser, positive_int, run_cli  # noqa: E402
+from retinanet.cli import config_parser, positive_int, run_cli, view_arguments, view_overrides  # noqa: E402
 
 
 def main() -> int:
@@ -47,15 +47,9 @@ def main() -> int:
                         help="images per forward pass (default: eval.batch_size of the config)")
     parser.add_argument("--skip-bad", action="store_true",
                         help="skip unreadable images with a counted warning instead of stopping")
-    parser.add_argument("--slice", type=positive_int, nargs=2, metavar=("H", "W"), default=None,
-                        help="also detect on H x W tiles at native resolution, merged with the whole image")
-    parser.add_argument("--tta", action="store_true",
-                        help="test-time augmentation: eval.tta.enabled=true (flip, and eval.tta.scales)")
-    parser.add_argument("--overlap", type=float, default=0.25,
-                        help="with --slice: the fraction of a tile its neighbours share (default 0.25)")
+    view_arguments(parser)
     args = parser.parse_args()
-    if args.tta:
-        args.overrides = [*args.overrides, "eval.tta.enabled=true"]
+    args.overrides = view_overrides(args)
     # Imported only now: a usage error should not wait for torch.
     from retinanet.inference import expand_inputs
     from retinanet.slicing import Slicing

@@ -7,6 +7,10 @@ Usage (from the repo root, no install needed):
                                   [--min-size 8] [--max-size 64] [--min-objects 1] [--max-objects 6]
                                   [--classes circle square ...] [--backgrounds solid noise ...]
 
+Other classes than the five defaults (circle square triangle star cross), for example:
+    python scripts/make_shapes.py --out data/shapes_other --size 192 \
+        --classes circle diamond hexagon triangle cross ell
+
 Large images with many small objects, for example (sliced inference, docs/inference.md):
     python scripts/make_shapes.py --out data/shapes_large --num-train 0 --num-val 50 \
         --size 1024 --min-size 8 --max-size 24 --min-objects 20 --max-objects 60
@@ -24,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import argparse  # noqa: E402
 import time  # noqa: E402
 
-from retinanet.data.shapes import BACKGROUNDS, CLASS_NAMES, generate_shapes_dataset, is_complete  # noqa: E402
+from retinanet.data.shapes import (BACKGROUNDS, CLASS_NAMES, SHAPE_NAMES, generate_shapes_dataset,  # noqa: E402
+                                   is_complete)
 
 PROGRESS_EVERY = 500
 
@@ -53,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-size", type=float, default=64, help="largest object side, px")
     p.add_argument("--min-objects", type=int, default=1, help="fewest objects in a non-empty image")
     p.add_argument("--max-objects", type=int, default=6)
-    p.add_argument("--classes", nargs="+", default=list(CLASS_NAMES), choices=CLASS_NAMES, metavar="NAME",
-                   help=f"shapes to draw, ids 1..k in this order (default: {' '.join(CLASS_NAMES)})")
+    p.add_argument("--classes", nargs="+", default=list(CLASS_NAMES), choices=SHAPE_NAMES, metavar="NAME",
+                   help=f"shapes to draw, ids 1..k in this order, from: {' '.join(SHAPE_NAMES)} "
+                        f"(default: {' '.join(CLASS_NAMES)})")
     p.add_argument("--backgrounds", nargs="+", default=list(BACKGROUNDS), choices=BACKGROUNDS,
                    metavar="STYLE", help=f"background styles (default: {' '.join(BACKGROUNDS)})")
     p.add_argument("--seed", type=int, default=0)

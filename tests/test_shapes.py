@@ -1,5 +1,6 @@
 """Tests for the synthetic shapes dataset (retinanet/data/shapes.py and scripts/make_shapes.py)."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from pycocotools.coco import COCO
 from retinanet.data.shapes import (
     BACKGROUNDS,
     CLASS_NAMES,
+    SHAPE_NAMES,
     generate_shapes_dataset,
     is_complete,
     render_image,
@@ -116,9 +118,8 @@ def _background_colour(image):
     return colours[counts.argmax()]
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_boxes_are_tight_on_plain_background(seed):
-    image, objects = render_image(np.random.default_rng(seed), background="solid", **RENDER)
+def _assert_boxes_tight(image, objects):
+    """Every changed pixel lies in a box and each shape reaches every side of its box."""
     h, w = image.shape[:2]
     differs = np.any(image != _background_colour(image), axis=2)
     rows, cols = np.nonzero(differs)
@@ -142,6 +143,67 @@ def test_boxes_are_tight_on_plain_background(seed):
         assert abs(c0 + wc.max() + 1 - x1) <= 1.5, (name, "right")
         assert abs(r0 + wr.min() - y0) <= 1.5, (name, "top")
         assert abs(r0 + wr.max() + 1 - y1) <= 1.5, (name, "bottom")
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_boxes_are_tight_on_plain_background(seed):
+    image, objects = render_image(np.random.default_rng(seed), background="solid", **RENDER)
+    _assert_boxes_tight(image, objects)
+
+
+NEW_SHAPES = ("diamond", "hexagon", "ell")
+
+
+@pytest.mark.parametrize("name", NEW_SHAPES)
+def test_new_shapes_boxes_are_tight(name):
+    drawn = 0
+    for seed in range(4):
+        image, objects = render_image(np.random.default_rng(seed), background="solid",
+                                      **{**RENDER, "classes": (name,)})
+        assert {n for n, _ in objects} <= {name}
+        _assert_boxes_tight(image, objects)
+        drawn += len(objects)
+    assert drawn >= 8
+
+
+def _single(name, seed, size=48.0):
+    """One `size` px object of class `name` on a plain 64 px image -> (coverage, box): coverage is
+    each pixel's colour distance to the background over the shape's own (its interior's), 0..1."""
+    for offset in range(10):  # ~3% of images are empty: take the next seed then
+        image, objects = render_image(np.random.default_rng(1000 * seed + offset), image_size=64, min_size=size,
+                                      max_size=size, max_objects=1, classes=(name,), background="solid")
+        if objects:
+            break
+    (_, box), = objects
+    distance = np.abs(image.astype(float) - _background_colour(image)).sum(axis=2)
+    return distance / distance.max(), box
+
+
+@pytest.mark.parametrize("name, fill", [("diamond", 1 / 2), ("hexagon", 3 / 4), ("ell", 5 / 9)])
+def test_new_shapes_fill_their_box_as_their_geometry_says(name, fill):
+    """Area / box area: diamond 1/2, regular hexagon 3/4 (either rotation), L with arms of size / 3: 5/9."""
+    for seed in range(3):
+        coverage, (x0, y0, x1, y1) = _single(name, seed)
+        assert max(x1 - x0, y1 - y0) == pytest.approx(48.0)
+        assert coverage.sum() / ((x1 - x0) * (y1 - y0)) == pytest.approx(fill, abs=0.01), (name, seed)
+
+
+def test_hexagon_and_ell_orientations():
+    """Hexagons come with a vertex or a flat side on top (box aspect 2/sqrt(3) either way round);
+    an ell's empty quarter is any of the four box corners."""
+    aspects, empty_corners = set(), set()
+    for seed in range(12):
+        _, (x0, y0, x1, y1) = _single("hexagon", seed)
+        aspects.add(round((y1 - y0) / (x1 - x0), 3))
+        coverage, (x0, y0, x1, y1) = _single("ell", seed)
+        cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)
+        quarters = {(0, 0): coverage[int(y0):cy, int(x0):cx], (1, 0): coverage[int(y0):cy, cx:int(x1)],
+                    (0, 1): coverage[cy:int(y1), int(x0):cx], (1, 1): coverage[cy:int(y1), cx:int(x1)]}
+        emptiest = min(quarters, key=lambda k: quarters[k].mean())
+        assert quarters[emptiest].mean() < 0.5 < min(q.mean() for k, q in quarters.items() if k != emptiest)
+        empty_corners.add(emptiest)
+    assert aspects == {round(2 / np.sqrt(3), 3), round(np.sqrt(3) / 2, 3)}
+    assert empty_corners == {(0, 0), (1, 0), (0, 1), (1, 1)}
 
 
 def test_all_backgrounds_and_classes_render():
@@ -327,7 +389,7 @@ def test_default_meta_keeps_its_keys(dataset):
                                              "min_size", "max_size", "max_objects", "seed"}
 
 
-@pytest.mark.parametrize("bad", [dict(classes=["hexagon"]), dict(classes=[]), dict(backgrounds=["plaid"]),
+@pytest.mark.parametrize("bad", [dict(classes=["octagon"]), dict(classes=[]), dict(backgrounds=["plaid"]),
                                  dict(classes=["star", "star"])])
 def test_unknown_classes_or_backgrounds_are_config_errors(bad):
     with pytest.raises(ConfigError, match="must be distinct names"):
@@ -345,3 +407,47 @@ def test_cli_options(tmp_path):
     assert all(n == 0 or n >= 15 for n in per_image) and per_image.max() <= 30  # few placements fail
     sides = [max(a["bbox"][2:]) for a in raw["annotations"]]
     assert min(sides) >= 8 - 0.01 and max(sides) <= 24 + 0.01
+
+
+# --------------------------------------------------------------------------- extra shapes
+
+
+def test_shape_names_extend_the_default_classes():
+    assert CLASS_NAMES == ("circle", "square", "triangle", "star", "cross")
+    assert SHAPE_NAMES == CLASS_NAMES + NEW_SHAPES
+
+
+# sha256 of meta.json + both annotation files of generate_shapes_dataset(**SMALL), written by the
+# generator before diamond/hexagon/ell existed (commit c11dba3). If a numpy upgrade changes its
+# random streams this fails for every set alike: regenerate data/shapes and update it.
+SMALL_DEFAULT_SHA256 = "2c445674304338c9f40d7f09699fef07db0befe0507d549e2e7827ca7184ec4d"
+
+
+def test_default_dataset_unchanged_by_the_extra_shapes(dataset, tmp_path):
+    out, _ = dataset
+    digest = hashlib.sha256()
+    for name in ("meta.json", "annotations/instances_train.json", "annotations/instances_val.json"):
+        digest.update((out / name).read_bytes())
+    assert digest.hexdigest() == SMALL_DEFAULT_SHA256
+    generate_shapes_dataset(tmp_path, **SMALL, classes=list(CLASS_NAMES))  # the defaults, spelt out
+    assert _dir_bytes(tmp_path) == _dir_bytes(out)
+
+
+def test_cli_accepts_the_extra_shapes(tmp_path):
+    out = tmp_path / "other"
+    classes = ["circle", "diamond", "hexagon", "triangle", "cross", "ell"]
+    _run_cli("--out", str(out), "--num-train", "3", "--num-val", "0", "--size", "64", "--max-size", "24",
+             "--min-objects", "4", "--classes", *classes)
+    raw = _load(out / "annotations" / "instances_train.json")
+    assert [(c["id"], c["name"]) for c in raw["categories"]] == list(enumerate(classes, start=1))
+    assert {a["category_id"] for a in raw["annotations"]} <= set(range(1, 7)) and raw["annotations"]
+    assert _load(out / "meta.json")["classes"] == classes
+    assert is_complete(out, num_train=3, num_val=0, image_size=64, max_size=24, min_objects=4, classes=classes)
+
+
+def test_cli_rejects_an_unknown_shape(tmp_path):
+    cmd = [sys.executable, str(REPO_ROOT / "scripts" / "make_shapes.py"), "--out", str(tmp_path / "x"),
+           "--classes", "circle", "octagon"]
+    res = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "octagon" in res.stderr and "hexagon" in res.stderr
+    assert not (tmp_path / "x").exists()

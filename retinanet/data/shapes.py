@@ -7,7 +7,8 @@ within minutes.
 
 COCO annotations use ``bbox = [x0, y0, w, h]`` (render_image's box, rounded to 2 decimals) and
 ``area = w * h``. Category ids are 1..5 in :data:`CLASS_NAMES` order (1..k in the order of
-``classes`` when a subset is chosen).
+``classes`` when other names from :data:`SHAPE_NAMES` are chosen, e.g. ``("circle", "diamond",
+"hexagon", "ell")``).
 
 Beyond the defaults (128 px, objects 8-64 px, up to 6 per image, 5 classes, 4 background
 styles), ``image_size``, ``min_size`` / ``max_size``, ``min_objects`` / ``max_objects``,
@@ -31,10 +32,11 @@ from typing import Callable, Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from .shapes_render import (BACKGROUNDS, CLASS_NAMES, Box, ImageSize, check_choices, parse_image_size,
-                            render_image)
+from .shapes_render import (BACKGROUNDS, CLASS_NAMES, SHAPE_NAMES, Box, ImageSize, check_choices,
+                            parse_image_size, render_image)
 
-__all__ = ["CLASS_NAMES", "BACKGROUNDS", "generate_shapes_dataset", "render_image", "is_complete"]
+__all__ = ["CLASS_NAMES", "SHAPE_NAMES", "BACKGROUNDS", "generate_shapes_dataset", "render_image",
+           "is_complete"]
 
 # Bump when the rendering changes, so that `is_complete` rejects stale datasets.
 GENERATOR_VERSION = 1
@@ -54,7 +56,7 @@ def _normalize_params(*, num_train=2000, num_val=200, image_size=128, min_size=8
     h, w = parse_image_size(image_size)
     if int(seed) < 0:
         raise ValueError("seed must be non-negative")
-    check_choices(list(classes), CLASS_NAMES, "classes")
+    check_choices(list(classes), SHAPE_NAMES, "classes")
     check_choices(list(backgrounds), BACKGROUNDS, "backgrounds")
     params = {"generator_version": GENERATOR_VERSION, "num_train": int(num_train), "num_val": int(num_val),
               "image_size": [h, w], "min_size": float(min_size), "max_size": float(max_size),

@@ -1,7 +1,7 @@
 """Drawing one image of the synthetic "shapes" dataset (`shapes.py` writes the dataset).
 
-Each image shows 0..``max_objects`` non-overlapping filled shapes (circle, square, triangle,
-star, cross) on a varied background (solid colour, linear gradient, smooth noise, or thin-line
+Each image shows 0..``max_objects`` non-overlapping filled shapes (by default circle, square,
+triangle, star, cross; diamond, hexagon and ell on request) on a varied background (solid colour, linear gradient, smooth noise, or thin-line
 clutter). Pixel ``(row i, col j)`` covers ``[j, j + 1) x [i, i + 1)``; the image spans
 ``[0, W] x [0, H]``. Boxes are ``(x0, y0, x1, y1)`` floats there (xyxy, no "+1"), computed from
 the exact shape geometry, so they are tight: every pixel touched by a shape intersects its box,
@@ -17,7 +17,9 @@ from PIL import Image, ImageDraw
 
 from ..errors import ConfigError
 
-CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
+CLASS_NAMES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")  # the default classes
+# Every drawable shape. The extra ones are opt-in (``classes``) so the default dataset keeps its bytes.
+SHAPE_NAMES: tuple[str, ...] = CLASS_NAMES + ("diamond", "hexagon", "ell")
 BACKGROUNDS: tuple[str, ...] = ("solid", "gradient", "noise", "lines")
 
 SUPERSAMPLE = 4  # anti-aliasing: coverage is estimated from SUPERSAMPLE**2 samples per pixel
@@ -68,6 +70,27 @@ def _cross(size: float) -> np.ndarray:
     )
 
 
+def _diamond(size: float) -> np.ndarray:
+    """Square turned 45 degrees: vertices on the midpoints of its `size` x `size` box's sides."""
+    a = size / 2
+    return np.array([[0.0, -a], [a, 0.0], [0.0, a], [-a, 0.0]])
+
+
+def _hexagon(size: float, angle: float) -> np.ndarray:
+    """Regular hexagon turned by `angle` (0: a vertex on top), box's larger side `size`."""
+    theta = angle + np.arange(6) * math.pi / 3
+    return _scale_to_size(np.stack([np.sin(theta), -np.cos(theta)], axis=1), size)
+
+
+def _ell(size: float, direction: int) -> np.ndarray:
+    """L shape (6-vertex polygon) in a `size` box, arm thickness size / 3, turned direction 0..3 quarters."""
+    a, t = size / 2, size / 3
+    pts = np.array([[-a, -a], [-a + t, -a], [-a + t, a - t], [a, a - t], [a, a], [-a, a]])  # "L" upright
+    for _ in range(direction):  # quarter turns about the centre keep the square box
+        pts = np.stack([-pts[:, 1], pts[:, 0]], axis=1)
+    return pts
+
+
 def _scale_to_size(pts: np.ndarray, size: float) -> np.ndarray:
     """Centre the polygon's box on the origin and scale its larger side to `size`."""
     lo, hi = pts.min(axis=0), pts.max(axis=0)
@@ -86,7 +109,13 @@ def _make_shape(rng: np.random.Generator, name: str, size: float) -> dict:
         pts = _regular_star(size, float(rng.uniform(0, 2 * math.pi / 5)))
     elif name == "cross":
         pts = _cross(size)
-    else:  # pragma: no cover - guarded by CLASS_NAMES
+    elif name == "diamond":
+        pts = _diamond(size)
+    elif name == "hexagon":
+        pts = _hexagon(size, math.pi / 6 * int(rng.integers(2)))  # vertex or flat side on top
+    elif name == "ell":
+        pts = _ell(size, int(rng.integers(4)))
+    else:  # pragma: no cover - guarded by SHAPE_NAMES
         raise ValueError(f"unknown shape {name!r}")
     return {"kind": "polygon", "points": pts}
 
@@ -278,7 +307,8 @@ def render_image(rng: np.random.Generator, *, image_size: ImageSize, min_size: f
         background: force one of :data:`BACKGROUNDS` (tests); None picks uniformly from
             ``backgrounds``.
         min_objects: lower bound on objects of a non-empty image (default 1).
-        classes: the shapes to draw from, a subset of :data:`CLASS_NAMES` (default all).
+        classes: the shapes to draw from, names from :data:`SHAPE_NAMES` (default
+            :data:`CLASS_NAMES`, the five original ones).
         backgrounds: the background styles to draw from, a subset of :data:`BACKGROUNDS`.
 
     Returns:
@@ -290,7 +320,7 @@ def render_image(rng: np.random.Generator, *, image_size: ImageSize, min_size: f
     max_size = min(float(max_size), float(min(h, w)))
     if not 0 < min_size <= max_size:
         raise ValueError(f"need 0 < min_size <= max_size <= min(H, W); got {min_size}, {max_size}, {(h, w)}")
-    check_choices(classes, CLASS_NAMES, "classes")
+    check_choices(classes, SHAPE_NAMES, "classes")
     check_choices(backgrounds, BACKGROUNDS, "backgrounds")
     if background is None:
         background = backgrounds[int(rng.integers(len(backgrounds)))]

@@ -1,8 +1,8 @@
 """Drawing one image of the synthetic "shapes" dataset (`shapes.py` writes the dataset).
 
 Each image shows 0..``max_objects`` non-overlapping filled shapes (by default circle, square,
-triangle, star, cross; diamond, hexagon and ell on request) on a varied background (solid colour, linear gradient, smooth noise, or thin-line
-clutter). Pixel ``(row i, col j)`` covers ``[j, j + 1) x [i, i + 1)``; the image spans
+triangle, star, cross; diamond, hexagon and ell on request) on a varied background (solid colour,
+linear gradient, smooth noise, or thin-line clutter). Pixel ``(row i, col j)`` covers ``[j, j + 1) x [i, i + 1)``; the image spans
 ``[0, W] x [0, H]``. Boxes are ``(x0, y0, x1, y1)`` floats there (xyxy, no "+1"), computed from
 the exact shape geometry, so they are tight: every pixel touched by a shape intersects its box,
 and the shape reaches every side of the box. ``image_size`` is an int (square) or ``(h, w)``.
@@ -51,9 +51,7 @@ def _triangle(size: float, direction: int) -> np.ndarray:
     """Equilateral triangle pointing up/right/down/left (direction 0..3), max side `size`."""
     half, h = size / 2, size * math.sqrt(3) / 2
     pts = np.array([[-half, h / 2], [half, h / 2], [0.0, -h / 2]])  # apex up (y grows down)
-    for _ in range(direction):  # quarter turns keep the shape axis-aligned-ish and tight
-        pts = np.stack([-pts[:, 1], pts[:, 0]], axis=1)
-    return pts
+    return _quarter_turns(pts, direction)
 
 
 def _square(size: float) -> np.ndarray:
@@ -86,7 +84,12 @@ def _ell(size: float, direction: int) -> np.ndarray:
     """L shape (6-vertex polygon) in a `size` box, arm thickness size / 3, turned direction 0..3 quarters."""
     a, t = size / 2, size / 3
     pts = np.array([[-a, -a], [-a + t, -a], [-a + t, a - t], [a, a - t], [a, a], [-a, a]])  # "L" upright
-    for _ in range(direction):  # quarter turns about the centre keep the square box
+    return _quarter_turns(pts, direction)
+
+
+def _quarter_turns(pts: np.ndarray, turns: int) -> np.ndarray:
+    """(N, 2) origin-centred points turned by `turns` quarter turns: the box stays axis-aligned and tight."""
+    for _ in range(turns):
         pts = np.stack([-pts[:, 1], pts[:, 0]], axis=1)
     return pts
 

@@ -46,7 +46,7 @@ def main() -> int:
     rows = []
     for name in args.variants:
         overrides, description = VARIANTS[name]
-        cfg = load_config(args.config, [*args.overrides, *overrides, f"train.max_iter={args.iters}",
+        cfg = load_config(args.config, [*args.overrides, *overrides, f"train.max_iter={args.iters}", "train.time_budget_s=0",
                                         f"output_dir={out / name}", "eval.num_vis_images=0",
                                         f"train.checkpoint_period={args.iters}"])
         logs: list[str] = []

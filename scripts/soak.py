@@ -130,7 +130,7 @@ def main() -> int:
                      f"data.train.annotations={data / 'annotations' / 'instances_train.json'}",
                      "data.val.annotations=", f"output_dir={Path(scratch) / 'run'}", "train.device=cpu",
                      f"data.num_workers={args.workers}", f"train.batch_size={args.batch_size}",
-                     f"train.max_iter={args.iterations}", f"train.log_period={args.every}",
+                     f"train.max_iter={args.iterations}", "train.time_budget_s=0", f"train.log_period={args.every}",
                      f"train.checkpoint_period={max(args.iterations // 3, 1)}", "train.keep_checkpoints=1",
                      f"data.min_size=[{','.join(map(str, args.sizes))}]", f"data.max_size={max(args.sizes)}"]
         config = load_config(ROOT / "configs" / "shapes_R18.yaml", overrides)

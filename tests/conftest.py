@@ -30,7 +30,8 @@ def tiny_overrides(shapes_dir: Path, output_dir: Path) -> list[str]:
             f"data.val.images={shapes_dir / 'val'}",
             f"data.val.annotations={shapes_dir / 'annotations' / 'instances_val.json'}",
             f"output_dir={output_dir}", "data.num_workers=0", "train.log_period=2",
-            "model.fpn.channels=32", "model.head.num_convs=1", "model.head.gn_groups=8"]
+            "model.fpn.channels=32", "model.head.num_convs=1", "model.head.gn_groups=8",
+            "train.time_budget_s=0"]  # the demo's 10-minute budget would choose the length
 
 
 @pytest.fixture(params=[True, False], ids=["channels_last", "contiguous"])

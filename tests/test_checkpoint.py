@@ -101,7 +101,8 @@ def _same_run(config, output_dir: Path) -> list[str]:
     return [f"data.train.images={config.data.train.images}",
             f"data.train.annotations={config.data.train.annotations}", "data.val.annotations=",
             f"output_dir={output_dir}", "data.num_workers=0", "model.fpn.channels=32",
-            "model.head.num_convs=1", "model.head.gn_groups=8", "train.max_iter=2"]
+            "model.head.num_convs=1", "model.head.gn_groups=8", "train.max_iter=2",
+            "train.time_budget_s=0"]
 
 
 def test_old_format_checkpoints_load_only_after_a_trusted_upgrade(tiny_config, tmp_path):

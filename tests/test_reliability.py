@@ -47,7 +47,7 @@ def _hostile_config(info: dict, tmp_path: Path, *extra: str):
     return load_config(CONFIG, [f"data.train.images={info['images']}",
                                 f"data.train.annotations={info['annotations']}",
                                 "data.val.annotations=", f"output_dir={tmp_path / 'run'}",
-                                "data.num_workers=0", "train.batch_size=4", "train.max_iter=3",
+                                "data.num_workers=0", "train.batch_size=4", "train.max_iter=3", "train.time_budget_s=0",
                                 "train.log_period=1", "model.fpn.channels=32", "model.head.num_convs=1",
                                 "model.head.gn_groups=8", *extra])
 

@@ -25,7 +25,7 @@ def test_overfit_a_few_images(tmp_path):
            f"data.val.annotations={data / 'annotations' / 'instances_train.json'}"]
     cfg = load_config(REPO_ROOT / "configs" / "shapes_R18.yaml", train + val + [
         f"output_dir={tmp_path / 'run'}", "data.num_workers=0", "data.hflip_prob=0.0",
-        "train.batch_size=4", "train.max_iter=150", "train.log_period=50",
+        "train.batch_size=4", "train.max_iter=150", "train.time_budget_s=0", "train.log_period=50",
         "train.optimizer.lr=0.001", "train.scheduler.warmup_iters=20", "eval.num_vis_images=0"])
     torch.manual_seed(0)
     result = Trainer(cfg, log=lambda s: None).train()

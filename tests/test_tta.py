@@ -95,6 +95,7 @@ def test_tta_does_not_lower_ap_of_a_trained_tiny_model(tmp_path):
         f"data.train.images={images}", f"data.train.annotations={annotations}",
         f"data.val.images={images}", f"data.val.annotations={annotations}",
         f"output_dir={tmp_path / 'run'}", "data.num_workers=0", "train.batch_size=4", "train.max_iter=150",
+        "train.time_budget_s=0",
         "train.log_period=50", "train.optimizer.lr=0.001", "train.scheduler.warmup_iters=20",
         "eval.num_vis_images=0", "eval.pr_curves=false"])
     torch.manual_seed(0)

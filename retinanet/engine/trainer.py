@@ -103,6 +103,7 @@ class Trainer:
         self.budget = TimeBudget(train.time_budget_s, start_time=self.start_time, eval_period=train.eval_period,
                                  checkpoint_period=train.checkpoint_period) if train.time_budget_s else None
         self.length_chosen = False  # by the budget, in this run or the one it resumes
+        self.configured_length = (train.max_iter, list(train.scheduler.steps))  # what a budget scales
         self.checkpointer = Checkpointer(
             output_dir=self.output_dir, keep=train.keep_checkpoints, is_main=self.dist.is_main,
             model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
@@ -156,7 +157,8 @@ class Trainer:
             if self.ema is not None and losses is not None:
                 self.ema.update(self.model)
             self.iteration += 1
-            if self.budget is not None and self.budget.observe(self.iteration, time.perf_counter()):
+            now = time.perf_counter()
+            if self.budget is not None and self.budget.observe(self.iteration, now, now - fetch_start):
                 self.choose_length()
             self.samples_seen += len(batch.image_ids) * world
             self.reporter.add_step(losses, len(batch.image_ids) * world, data_time)
@@ -188,14 +190,27 @@ class Trainer:
 
     def choose_length(self) -> None:
         """train.time_budget_s: the run's length from the measured speed and evaluation cost
-        (rank 0's choice on every rank), into the run's state and its folder's config.yaml."""
-        eval_seconds = self.validation.estimate_seconds() if self.validation is not None else 0.0
-        save_seconds = self.checkpointer.estimate_seconds()
-        chosen = self.budget.choose(self.iteration, time.perf_counter(), eval_seconds, save_seconds)
+        (rank 0's choice on every rank), into the run's state and its folder's config.yaml; the
+        first plan is logged, later ones when they move the end by more than 2% from the last logged."""
+        previous = self.budget.chosen
+        if previous is None:
+            chosen = self.budget.choose(self.iteration, time.perf_counter(),
+                                        self.validation.estimate_seconds() if self.validation is not None else 0.0,
+                                        self.checkpointer.estimate_seconds())
+        else:
+            chosen = self.budget.choose(self.iteration, time.perf_counter())
         chosen = broadcast_from_main(chosen)
-        configured = self.config.train.max_iter
-        self.set_length(chosen, [round(step * chosen / configured) for step in self.config.train.scheduler.steps])
-        self.log(self.budget.describe(configured))
+        self.budget.chosen = chosen
+        if chosen == self.config.train.max_iter and self.length_chosen:
+            return
+        configured, steps = self.configured_length
+        self.set_length(chosen, [round(step * chosen / configured) for step in steps])
+        if previous is None:
+            self.log(self.budget.describe(configured))
+            self.logged_length = chosen
+        elif abs(chosen - self.logged_length) > 0.02 * self.logged_length:
+            self.log(self.budget.describe_change(self.logged_length))
+            self.logged_length = chosen
 
     def set_length(self, max_iter: int, steps: list[int]) -> None:
         """The run's max_iter and multistep steps (the cosine schedule reads max_iter), in this

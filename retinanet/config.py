@@ -305,10 +305,13 @@ class TrainConfig:
 @dataclass
 class TtaConfig:
     # tools/eval.py, tools/infer.py and Detector.predict also run each image mirrored and at the
-    # other scales, merging the detections per class (NMS at model.postprocess.nms_thresh).
+    # other scales, merging the detections per class: NMS at model.postprocess.nms_thresh, or
+    # weighted box fusion (wbf: boxes of a cluster averaged by score, see retinanet/tta.py).
     enabled: bool = False
     hflip: bool = True  # mirrored views
     scales: list[float] = field(default_factory=lambda: [1.0])  # factors of the evaluation size
+    merge: Literal["nms", "wbf"] = "nms"  # how the views' detections become one set per image
+    wbf_iou: float = 0.55  # wbf: IoU with a cluster's fused box at which a detection joins it
 
 
 @dataclass
@@ -430,6 +433,7 @@ def validate(config: Config) -> None:
     check(0 < t.ema.decay < 1, "train.ema.decay", f"must be in (0, 1), got {t.ema.decay}")
     check(bool(config.eval.tta.scales) and all(0.1 <= f <= 4 for f in config.eval.tta.scales),
           "eval.tta.scales", f"need factors of the evaluation size in [0.1, 4], got {config.eval.tta.scales}")
+    check(0.0 < config.eval.tta.wbf_iou < 1.0, "eval.tta.wbf_iou", "must be in (0, 1)")
     check(t.checkpoint_period >= 0, "train.checkpoint_period", "must be >= 0 (0: only the final one)")
     check(config.loss.box.beta >= 0, "loss.box.beta", "must be >= 0")
     cls = config.loss.cls

@@ -135,7 +135,8 @@ class Detector:
                    size_divisibility=cfg.data.size_divisibility, class_names=names,
                    label_to_cat_id=label_to_cat_id, device=device, channels_last=cfg.model.channels_last,
                    compile=cfg.model.compile_inference, winograd=cfg.model.winograd, config=cfg,
-                   tta=TestTimeAugmentation(tuple(cfg.eval.tta.scales), cfg.eval.tta.hflip)
+                   tta=TestTimeAugmentation(tuple(cfg.eval.tta.scales), cfg.eval.tta.hflip,
+                                            cfg.eval.tta.merge, cfg.eval.tta.wbf_iou)
                    if cfg.eval.tta.enabled else None)
 
     @torch.no_grad()

@@ -45,3 +45,27 @@ def channels_last(request) -> bool:
 def tiny_config(shapes_dir, tmp_path):
     return load_config(REPO_ROOT / "configs" / "shapes_R18.yaml",
                        tiny_overrides(shapes_dir, tmp_path / "run") + ["train.max_iter=4"])
+
+
+@pytest.fixture(scope="session")
+def overfit_run(tmp_path_factory):
+    """The demo config trained for 150 iterations on four images (flips on) and evaluated on the
+    same images: a model that finds its objects, trained once for the tests that need one
+    (test_train's overfit check, test_tta's AP check). Returns the images, annotations, run
+    folder and the final evaluation's result."""
+    from types import SimpleNamespace
+
+    from retinanet.engine.trainer import Trainer
+
+    root = tmp_path_factory.mktemp("overfit")
+    generate_shapes_dataset(root / "few", num_train=4, num_val=1, image_size=128, min_size=12, seed=11)
+    images, annotations = root / "few" / "train", root / "few" / "annotations" / "instances_train.json"
+    cfg = load_config(REPO_ROOT / "configs" / "shapes_R18.yaml", [
+        f"data.train.images={images}", f"data.train.annotations={annotations}",
+        f"data.val.images={images}", f"data.val.annotations={annotations}",  # scored on its training images
+        f"output_dir={root / 'run'}", "data.num_workers=0", "train.batch_size=4", "train.max_iter=150",
+        "train.time_budget_s=0", "train.log_period=50", "train.optimizer.lr=0.001",
+        "train.scheduler.warmup_iters=20", "eval.num_vis_images=0", "eval.pr_curves=false"])
+    torch.manual_seed(0)
+    result = Trainer(cfg, log=lambda s: None).train()
+    return SimpleNamespace(images=images, annotations=annotations, run=root / "run", result=result)

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from retinanet.config import load_config
-from retinanet.data.shapes import generate_shapes_dataset
 from retinanet.engine.checkpoint import load_checkpoint
 from retinanet.engine.building import lr_factor
 from retinanet.engine.trainer import Trainer
@@ -16,20 +15,9 @@ from retinanet.engine.trainer import Trainer
 from conftest import REPO_ROOT, tiny_overrides
 
 
-def test_overfit_a_few_images(tmp_path):
-    data = tmp_path / "few"
-    generate_shapes_dataset(data, num_train=4, num_val=1, image_size=128, min_size=12, seed=11)
-    train = [f"data.train.images={data / 'train'}",
-             f"data.train.annotations={data / 'annotations' / 'instances_train.json'}"]
-    val = [f"data.val.images={data / 'train'}",  # evaluate on the training images themselves
-           f"data.val.annotations={data / 'annotations' / 'instances_train.json'}"]
-    cfg = load_config(REPO_ROOT / "configs" / "shapes_R18.yaml", train + val + [
-        f"output_dir={tmp_path / 'run'}", "data.num_workers=0", "data.hflip_prob=0.0",
-        "train.batch_size=4", "train.max_iter=150", "train.time_budget_s=0", "train.log_period=50",
-        "train.optimizer.lr=0.001", "train.scheduler.warmup_iters=20", "eval.num_vis_images=0"])
-    torch.manual_seed(0)
-    result = Trainer(cfg, log=lambda s: None).train()
-    assert result["metrics"]["AP50"] > 0.9, result["metrics"]
+def test_overfit_a_few_images(overfit_run):
+    """150 iterations on four images, scored on the same images (conftest's overfit_run)."""
+    assert overfit_run.result["metrics"]["AP50"] > 0.9, overfit_run.result["metrics"]
 
 
 def test_lr_schedule_warmup_multistep_and_cosine(tiny_config):

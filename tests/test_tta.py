@@ -7,7 +7,7 @@ import torch
 from retinanet.data.loader import Batch, pad_images
 from retinanet.errors import ConfigError
 from retinanet.predictor import merge_detections
-from retinanet.tta import TestTimeAugmentation, mirror_boxes, predict_with_tta, view_batch
+from retinanet.tta import TestTimeAugmentation, fuse_detections, mirror_boxes, predict_with_tta, view_batch
 
 
 def _batch() -> Batch:
@@ -58,6 +58,39 @@ def test_a_flipped_duplicate_merges_into_one_detection_in_original_pixels():
     assert scaled[0]["scores"].item() == pytest.approx(0.5 + 64 / 1000)  # the larger view's, kept by NMS
 
 
+def _dets(boxes, scores, labels):
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32), "scores": torch.tensor(scores),
+            "labels": torch.tensor(labels)}
+
+
+def test_weighted_box_fusion_averages_a_cluster_by_score_and_discounts_lone_boxes():
+    views = [_dets([[0, 0, 10, 10], [50, 50, 60, 60]], [0.8, 0.6], [1, 1]),
+             _dets([[2, 0, 12, 10], [0, 0, 10, 10]], [0.4, 0.9], [1, 2])]
+    fused = fuse_detections(views, iou_thresh=0.55, max_detections=100)
+    # class 1: the boxes at x 0 and x 2 (IoU 0.67) fuse; weights 0.8 and 0.4 -> x 2/3 further right
+    # score (0.8 + 0.4) / 2, both views agree; the lone 0.6 and the class-2 box count half (1 of 2 views)
+    assert fused["labels"].tolist() == [1, 2, 1]
+    torch.testing.assert_close(fused["scores"], torch.tensor([0.6, 0.45, 0.3]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(fused["boxes"][0], torch.tensor([2 / 3, 0, 10 + 2 / 3, 10]), rtol=0, atol=1e-5)
+    assert torch.equal(fused["boxes"][1], torch.tensor([0.0, 0, 10, 10]))  # another class: not fused
+    assert len(fuse_detections(views, iou_thresh=0.55, max_detections=2)["boxes"]) == 2
+    empty = fuse_detections([_dets([], [], []).copy() | {"boxes": torch.zeros(0, 4)}], iou_thresh=0.55,
+                            max_detections=100)
+    assert empty["boxes"].shape == (0, 4) and len(empty["scores"]) == 0
+
+
+def test_a_flipped_duplicate_fuses_into_one_detection_with_wbf():
+    batch = _batch()
+    plain = _find_block(batch)
+    fused = predict_with_tta(_find_block, batch, TestTimeAugmentation(scales=(1.0,), hflip=True, merge="wbf"),
+                             size_divisibility=16, nms_thresh=0.5, max_detections=100)
+    for found, expected in zip(fused, plain):
+        assert len(found["boxes"]) == 1 and torch.equal(found["boxes"], expected["boxes"])
+        assert torch.equal(found["scores"], expected["scores"])  # both views agree: the mean, undiscounted
+    with pytest.raises(ConfigError, match="eval.tta.merge"):
+        TestTimeAugmentation(merge="mean")
+
+
 def test_merge_keeps_other_classes_and_caps_the_count():
     box = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
     parts = [{"boxes": box, "scores": torch.tensor([0.9]), "labels": torch.tensor([0])},
@@ -74,35 +107,20 @@ def test_mirror_and_bad_scales():
         TestTimeAugmentation(scales=(0.0,))
 
 
-def test_tta_does_not_lower_ap_of_a_trained_tiny_model(tmp_path):
-    """Trained on four images with flips (as test_train's overfit test, at half its LR-steps),
-    scored on the same images: the mirrored views agree with the plain one, so merging them
-    cannot lose an object the plain view finds; AP is not lowered."""
+def test_tta_does_not_lower_ap_of_a_trained_tiny_model(overfit_run):
+    """Trained on four images with flips (conftest's overfit_run), scored on the same images: the
+    mirrored views agree with the plain one, so merging them cannot lose an object the plain view
+    finds; AP is not lowered."""
     from types import SimpleNamespace
 
-    from conftest import REPO_ROOT
-    from retinanet.config import load_config
     from retinanet.data import CocoDetection
-    from retinanet.data.shapes import generate_shapes_dataset
     from retinanet.detector import Detector
     from retinanet.engine.evaluator import Evaluator
-    from retinanet.engine.trainer import Trainer
 
-    data = tmp_path / "few"
-    generate_shapes_dataset(data, num_train=4, num_val=1, image_size=128, min_size=12, seed=11)
-    images, annotations = data / "train", data / "annotations" / "instances_train.json"
-    cfg = load_config(REPO_ROOT / "configs" / "shapes_R18.yaml", [
-        f"data.train.images={images}", f"data.train.annotations={annotations}",
-        f"data.val.images={images}", f"data.val.annotations={annotations}",
-        f"output_dir={tmp_path / 'run'}", "data.num_workers=0", "train.batch_size=4", "train.max_iter=150",
-        "train.time_budget_s=0",
-        "train.log_period=50", "train.optimizer.lr=0.001", "train.scheduler.warmup_iters=20",
-        "eval.num_vis_images=0", "eval.pr_curves=false"])
-    torch.manual_seed(0)
-    Trainer(cfg, log=lambda s: None).train()
+    images, annotations = overfit_run.images, overfit_run.annotations
     dataset = CocoDetection(images, annotations)
     loader = [SimpleNamespace(image_ids=dataset.image_ids)]
-    detector = Detector.from_checkpoint(tmp_path / "run" / "model_final.pth", device="cpu")
+    detector = Detector.from_checkpoint(overfit_run.run / "model_final.pth", device="cpu")
 
     def predict(batch):
         return detector.predict([dataset.read_image(i) for i in batch.image_ids])

@@ -205,7 +205,8 @@ def test_tool_on_shapes(shapes_dir, tmp_path):
         assert row in stdout
     data = json.loads(report.read_text())
     coverage = data["coverage"]
-    assert data["num_images"] == 20 and coverage["fg_iou"] == 0.5
+    configured = load_config(config).model.matcher.fg_iou
+    assert data["num_images"] == 20 and coverage["fg_iou"] == configured  # the config's matcher
     assert coverage["all"]["num_boxes"] == sum(b["num_boxes"] for b in coverage["buckets"].values()) \
         == sum(level["num_boxes"] for level in coverage["levels"].values()) > 0
     low = [b for b in coverage["buckets"].values() if b["coverage"] is not None and b["coverage"] < 0.9]

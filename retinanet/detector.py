@@ -164,7 +164,8 @@ class Detector:
         return predict_with_tta(lambda view: self.run_batch(view)[1], batch, self.tta,
                                 size_divisibility=self.collate.size_divisibility,
                                 nms_thresh=self.postprocessor.nms_thresh,
-                                max_detections=self.postprocessor.max_detections)
+                                max_detections=self.postprocessor.max_detections,
+                                class_agnostic=self.postprocessor.class_agnostic)
 
     def predict(self, images: Sequence[np.ndarray | Tensor],
                 slice: Slicing | Sequence[float] | None = None) -> list[dict[str, Tensor]]:
@@ -214,7 +215,8 @@ class Detector:
                     for k, (x0, y0, x1, y1) in enumerate(windows[start:start + slicing.batch_size])]
                 tile_detections += self.predict_batch(self.collate(samples))
             merged.append(merge_tiles(tile_detections, tiling, whole, nms_thresh=self.postprocessor.nms_thresh,
-                                      max_detections=self.postprocessor.max_detections))
+                                      max_detections=self.postprocessor.max_detections,
+                                      class_agnostic=self.postprocessor.class_agnostic))
         return merged
 
     def _tile_transform(self, height: int, width: int) -> EvalTransform:

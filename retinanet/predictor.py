@@ -2,12 +2,13 @@
 
 `PostProcessor.padded` is the rule, for the whole batch at once: per level, the top-k candidates
 of each image (k = min(topk_candidates, A_l * K)) above the score threshold; decode; clip; one
-`batched_nms` for the batch (per image and class); the best `max_detections` of each image. It
-runs eagerly, scripted and traced. Its outputs, D = max_detections, best first in each image:
-boxes (B, D, 4) float32 xyxy, scores (B, D), labels (B, D) int64 in 0..K-1, num_detections (B,)
-int64; rows from num_detections on are padding (zeros, label -1). Calling a `PostProcessor`
-gives each image's rows, rescaled (Detector, evaluation). `Predictor` is the network, the anchors
-of its feature maps' shapes and the rule in one module: the graph `export` writes.
+`batched_nms` for the batch (per image and class; per image with `class_agnostic`); the best
+`max_detections` of each image. It runs eagerly, scripted and traced. Its outputs,
+D = max_detections, best first in each image: boxes (B, D, 4) float32 xyxy, scores (B, D),
+labels (B, D) int64 in 0..K-1, num_detections (B,) int64; rows from num_detections on are
+padding (zeros, label -1). Calling a `PostProcessor` gives each image's rows, rescaled (Detector,
+evaluation). `Predictor` is the network, the anchors of its feature maps' shapes and the rule in
+one module: the graph `export` writes.
 """
 from __future__ import annotations
 
@@ -36,13 +37,14 @@ class PostProcessor(nn.Module):
 
     def __init__(self, *, box_coder: BoxCoder, score_thresh: float = 0.05,
                  topk_candidates: int = 1000, nms_thresh: float = 0.5, max_detections: int = 100,
-                 activation: str = "sigmoid"):
+                 activation: str = "sigmoid", class_agnostic: bool = False):
         super().__init__()
         if activation not in ("sigmoid", "softmax"):
             raise ValueError(f"activation must be 'sigmoid' or 'softmax', got {activation!r}")
         self.box_coder, self.activation = box_coder, activation
         self.score_thresh, self.topk_candidates = float(score_thresh), int(topk_candidates)
         self.nms_thresh, self.max_detections = float(nms_thresh), int(max_detections)
+        self.class_agnostic = bool(class_agnostic)
 
     @torch.jit.unused
     @torch.no_grad()
@@ -104,7 +106,8 @@ class PostProcessor(nn.Module):
         labels, image_idx = torch.cat(all_labels), torch.cat(all_images)
         sizes = image_sizes.to(device=boxes.device, dtype=torch.float32)[image_idx]  # (N, 2)
         boxes = clip_boxes(boxes, sizes[:, 0], sizes[:, 1])
-        keep = batched_nms(boxes, scores, image_idx * num_classes + labels, self.nms_thresh)
+        groups = image_idx if self.class_agnostic else image_idx * num_classes + labels
+        keep = batched_nms(boxes, scores, groups, self.nms_thresh)
         return boxes[keep], scores[keep], labels[keep], image_idx[keep]
 
 
@@ -129,14 +132,15 @@ class Predictor(nn.Module):
 
 
 def merge_detections(parts: Sequence[dict[str, Tensor]], *, nms_thresh: float,
-                     max_detections: int) -> dict[str, Tensor]:
+                     max_detections: int, class_agnostic: bool = False) -> dict[str, Tensor]:
     """Detection sets of one image {"boxes" (n, 4) xyxy in the same pixels, "scores", "labels"}
-    -> one set, by one per-class NMS over all of them (torchvision batched_nms), the best
-    `max_detections` kept, best first."""
+    -> one set, by one per-class NMS over all of them (torchvision batched_nms; across classes
+    with `class_agnostic`), the best `max_detections` kept, best first."""
     boxes = torch.cat([p["boxes"] for p in parts])
     scores = torch.cat([p["scores"] for p in parts])
     labels = torch.cat([p["labels"] for p in parts])
-    keep = batched_nms(boxes, scores, labels, nms_thresh)[:max_detections]
+    keep = batched_nms(boxes, scores, torch.zeros_like(labels) if class_agnostic else labels,
+                       nms_thresh)[:max_detections]
     return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
 
 
@@ -225,4 +229,5 @@ def build_postprocessor(config: Config) -> PostProcessor:
     p, coder = config.model.postprocess, config.model.box_coder
     return PostProcessor(box_coder=BoxCoder(coder.weights, coder.clamp), score_thresh=p.score_thresh,
                          topk_candidates=p.topk_candidates, nms_thresh=p.nms_thresh,
-                         max_detections=p.max_detections, activation=score_activation(config))
+                         max_detections=p.max_detections, activation=score_activation(config),
+                         class_agnostic=p.class_agnostic)

@@ -108,7 +108,7 @@ def cut_by_inner_edge(boxes: Tensor, tiling: Tiling, row: int, col: int,
 
 def merge_tiles(tile_detections: Sequence[dict[str, Tensor]], tiling: Tiling,
                 whole: dict[str, Tensor] | None, *, nms_thresh: float, max_detections: int,
-                margin: float = EDGE_MARGIN) -> dict[str, Tensor]:
+                margin: float = EDGE_MARGIN, class_agnostic: bool = False) -> dict[str, Tensor]:
     """Per tile (in `tiling.windows()` order) {"boxes" (n, 4) xyxy in the tile's pixels,
     "scores" (n,), "labels" (n,)}, and optionally the whole image's in image pixels -> the
     merged {"boxes" (N, 4) in image pixels, "scores" (N,), "labels" (N,)}, best first."""
@@ -118,4 +118,4 @@ def merge_tiles(tile_detections: Sequence[dict[str, Tensor]], tiling: Tiling,
         keep = ~cut_by_inner_edge(shifted, tiling, index // len(tiling.xs), index % len(tiling.xs), margin)
         parts.append({"boxes": shifted[keep], "scores": dets["scores"][keep], "labels": dets["labels"][keep]})
     return merge_detections(parts + ([whole] if whole is not None else []), nms_thresh=nms_thresh,
-                            max_detections=max_detections)
+                            max_detections=max_detections, class_agnostic=class_agnostic)

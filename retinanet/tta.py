@@ -4,8 +4,8 @@ view mapped back to the original pixels and merged per class.
 The views are made from the batch as the evaluation transform left it (normalised, resized to
 data.test_min_size, padded): each image's unpadded region is rescaled by the view's factor
 (bilinear; antialiased when shrinking) and mirrored for flipped views, then padded again. Their
-detections, in original pixels (flipped ones mirrored back), are merged per class: by NMS
-(`predictor.merge_detections`, the default) or by weighted box fusion (`fuse_detections`).
+detections, in original pixels (flipped ones mirrored back), are merged per class: by weighted box
+fusion (`fuse_detections`, the default: it measured better) or by NMS (`predictor.merge_detections`).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ class TestTimeAugmentation:
     __test__ = False  # not a pytest test class, whatever its name
     scales: tuple[float, ...] = (1.0,)
     hflip: bool = True
-    merge: Literal["nms", "wbf"] = "nms"  # how the views' detections become one set
+    merge: Literal["nms", "wbf"] = "wbf"  # how the views' detections become one set
     wbf_iou: float = 0.55  # wbf: IoU with a cluster's fused box at which a detection joins it
 
     def __post_init__(self):
@@ -64,19 +64,23 @@ def mirror_boxes(boxes: Tensor, width: int) -> Tensor:
 
 def predict_with_tta(predict: Callable[[Batch], list[dict[str, Tensor]]], batch: Batch,
                      tta: TestTimeAugmentation, *, size_divisibility: int, nms_thresh: float,
-                     max_detections: int) -> list[dict[str, Tensor]]:
+                     max_detections: int, class_agnostic: bool = False) -> list[dict[str, Tensor]]:
     """`predict` (a collated Batch -> per image detections in original pixels) over every view of
-    `batch`, merged per image."""
+    `batch`, merged per image; with `class_agnostic` (the postprocessor's), one box per object
+    after the merge too, as views may label one object differently."""
     per_image: list[list[dict[str, Tensor]]] = [[] for _ in batch.image_ids]
     for scale, flip in tta.views():
         view = batch if (scale, flip) == (1.0, False) else view_batch(batch, scale, flip, size_divisibility)
         for parts, found, (_, width) in zip(per_image, predict(view), batch.orig_sizes):
             parts.append(dict(found, boxes=mirror_boxes(found["boxes"], width)) if flip else found)
     if tta.merge == "wbf":
-        return [fuse_detections(parts, iou_thresh=tta.wbf_iou, max_detections=max_detections)
-                for parts in per_image]
-    return [merge_detections(parts, nms_thresh=nms_thresh, max_detections=max_detections)
-            for parts in per_image]
+        fused = [fuse_detections(parts, iou_thresh=tta.wbf_iou, max_detections=max_detections)
+                 for parts in per_image]
+        if not class_agnostic:
+            return fused
+        per_image = [[one] for one in fused]
+    return [merge_detections(parts, nms_thresh=nms_thresh, max_detections=max_detections,
+                             class_agnostic=class_agnostic) for parts in per_image]
 
 
 def fuse_detections(parts: Sequence[dict[str, Tensor]], *, iou_thresh: float,

@@ -3,7 +3,7 @@ import math
 import torch
 
 from retinanet.boxes import BoxCoder
-from retinanet.predictor import PostProcessor
+from retinanet.predictor import PostProcessor, merge_detections
 
 from numerics import U32, assert_detections_agree, rounding_box_tol
 
@@ -34,6 +34,30 @@ def test_threshold_nms_per_class_and_order():
     torch.testing.assert_close(out["scores"], torch.tensor([0.9, 0.7, 0.6]), **ROUND_TRIP)
     assert out["labels"].tolist() == [0, 1, 1]
     assert torch.allclose(out["boxes"], anchors[[0, 1, 2]])  # zero deltas: float32 rounding of coordinates <= 60
+
+
+def test_class_agnostic_keeps_one_box_per_object_and_image():
+    probs = [[[0.9, 0.01], [0.8, 0.7], [0.03, 0.6]]] * 2  # two identical images
+    pp, logits, deltas, anchors = setup(probs, ANCHORS, score_thresh=0.05, nms_thresh=0.5,
+                                        class_agnostic=True)
+    outs = pp(logits, deltas, anchors, [3], [(100, 100)] * 2)
+    for out in outs:  # class 1 on anchor 1 (0.7) now falls to anchor 0's class 0 (IoU 0.82)
+        torch.testing.assert_close(out["scores"], torch.tensor([0.9, 0.6]), **ROUND_TRIP)
+        assert out["labels"].tolist() == [0, 1]
+        assert torch.allclose(out["boxes"], anchors[[0, 2]])
+    padded = pp.padded(list(logits.split([3], 1)), list(deltas.split([3], 1)), [anchors],
+                       torch.tensor([[100.0, 100.0]] * 2))
+    assert padded[3].tolist() == [2, 2]  # the exported rule agrees: per image, not across them
+
+
+def test_merge_detections_class_agnostic():
+    box = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    parts = [{"boxes": box, "scores": torch.tensor([0.9]), "labels": torch.tensor([0])},
+             {"boxes": box + 1, "scores": torch.tensor([0.8]), "labels": torch.tensor([1])}]
+    per_class = merge_detections(parts, nms_thresh=0.5, max_detections=10)
+    agnostic = merge_detections(parts, nms_thresh=0.5, max_detections=10, class_agnostic=True)
+    assert per_class["labels"].tolist() == [0, 1] and agnostic["labels"].tolist() == [0]
+    assert torch.equal(agnostic["boxes"], box)
 
 
 def test_topk_and_max_detections():

@@ -45,14 +45,16 @@ def test_views_flip_and_scale_the_unpadded_images():
 def test_a_flipped_duplicate_merges_into_one_detection_in_original_pixels():
     batch = _batch()
     plain = _find_block(batch)
-    merged = predict_with_tta(_find_block, batch, TestTimeAugmentation(scales=(1.0,), hflip=True),
+    merged = predict_with_tta(_find_block, batch,
+                              TestTimeAugmentation(scales=(1.0,), hflip=True, merge="nms"),
                               size_divisibility=16, nms_thresh=0.5, max_detections=100)
     for found, expected in zip(merged, plain):
         # the flipped view found the block on the other side; mirrored back it is the same box
         assert len(found["boxes"]) == 1 and torch.equal(found["boxes"], expected["boxes"])
     assert torch.equal(plain[0]["boxes"], torch.tensor([[10.0, 16.0, 22.0, 24.0]]))
     # at another scale the block's box is the same object within the resampling's pixel
-    scaled = predict_with_tta(_find_block, batch, TestTimeAugmentation(scales=(1.0, 2.0), hflip=True),
+    scaled = predict_with_tta(_find_block, batch,
+                              TestTimeAugmentation(scales=(1.0, 2.0), hflip=True, merge="nms"),
                               size_divisibility=16, nms_thresh=0.5, max_detections=100)
     assert [len(s["boxes"]) for s in scaled] == [1, 1]
     assert scaled[0]["scores"].item() == pytest.approx(0.5 + 64 / 1000)  # the larger view's, kept by NMS

@@ -73,14 +73,15 @@ def predict_with_tta(predict: Callable[[Batch], list[dict[str, Tensor]]], batch:
         view = batch if (scale, flip) == (1.0, False) else view_batch(batch, scale, flip, size_divisibility)
         for parts, found, (_, width) in zip(per_image, predict(view), batch.orig_sizes):
             parts.append(dict(found, boxes=mirror_boxes(found["boxes"], width)) if flip else found)
-    if tta.merge == "wbf":
-        fused = [fuse_detections(parts, iou_thresh=tta.wbf_iou, max_detections=max_detections)
-                 for parts in per_image]
-        if not class_agnostic:
-            return fused
-        per_image = [[one] for one in fused]
-    return [merge_detections(parts, nms_thresh=nms_thresh, max_detections=max_detections,
-                             class_agnostic=class_agnostic) for parts in per_image]
+    if tta.merge == "nms":
+        return [merge_detections(parts, nms_thresh=nms_thresh, max_detections=max_detections,
+                                 class_agnostic=class_agnostic) for parts in per_image]
+    fused = [fuse_detections(parts, iou_thresh=tta.wbf_iou, max_detections=max_detections)
+             for parts in per_image]
+    if class_agnostic:  # fusion is per class: one label per object after it
+        fused = [merge_detections([one], nms_thresh=nms_thresh, max_detections=max_detections,
+                                  class_agnostic=True) for one in fused]
+    return fused
 
 
 def fuse_detections(parts: Sequence[dict[str, Tensor]], *, iou_thresh: float,

@@ -81,6 +81,20 @@ def test_weighted_box_fusion_averages_a_cluster_by_score_and_discounts_lone_boxe
     assert empty["boxes"].shape == (0, 4) and len(empty["scores"]) == 0
 
 
+@pytest.mark.parametrize("merge", ["nms", "wbf"])
+def test_class_agnostic_keeps_one_label_per_object_across_views(merge):
+    def relabel(batch):  # the larger view calls the block class 4, the plain one class 3
+        return [dict(found, labels=torch.tensor([4 if h > 40 else 3]))
+                for found, (h, _) in zip(_find_block(batch), batch.image_sizes)]
+    tta = TestTimeAugmentation(scales=(1.0, 2.0), hflip=False, merge=merge)
+    per_class = predict_with_tta(relabel, _batch(), tta, size_divisibility=16, nms_thresh=0.5,
+                                 max_detections=100)
+    agnostic = predict_with_tta(relabel, _batch(), tta, size_divisibility=16, nms_thresh=0.5,
+                                max_detections=100, class_agnostic=True)
+    assert [sorted(found["labels"].tolist()) for found in per_class] == [[3, 4], [3, 4]]
+    assert [found["labels"].tolist() for found in agnostic] == [[4], [4]]  # the better-scored view's
+
+
 def test_a_flipped_duplicate_fuses_into_one_detection_with_wbf():
     batch = _batch()
     plain = _find_block(batch)
